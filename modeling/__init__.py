@@ -1,0 +1,1 @@
+"""Models of vlmheads and the heads they share."""

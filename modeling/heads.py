@@ -1,0 +1,102 @@
+"""Heads and input adapters shared by the vlmheads models.
+
+Imports only torch and transformers: this file ships as remote code with every saved model.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+
+
+class MLP(nn.Sequential):
+    """`Linear` layers `in_features → *hidden_dims → out_features` with an activation between them.
+
+    (..., in_features) → (..., out_features).
+    """
+
+    def __init__(self, in_features: int, hidden_dims: Sequence[int], out_features: int, hidden_act: str):
+        widths = [in_features, *hidden_dims, out_features]
+        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+        for width_in, width_out in zip(widths[1:-1], widths[2:], strict=True):
+            layers += [ACT2FN[hidden_act], nn.Linear(width_in, width_out)]
+        super().__init__(*layers)
+
+
+def splice_features(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.LongTensor,
+    token_id: int,
+    features: torch.Tensor,
+    name: str,
+    token: str,
+) -> torch.Tensor:
+    """Replaces the embeddings of the `token_id` placeholders with `features`, row by row, like image tokens.
+
+    `inputs_embeds` (B, L, H), `input_ids` (B, L), `features` (B, N, H): every sample must hold exactly N placeholders.
+    Returns new embeddings (B, L, H); `name` and `token` only word the error.
+    """
+    mask = input_ids == token_id
+    per_sample = mask.sum(dim=1)
+    expected = features.shape[1]
+    if (per_sample != expected).any():
+        raise ValueError(
+            f"{name} has {expected} rows per sample but input_ids hold {per_sample.tolist()} {token} tokens per "
+            f"sample; the processor expands one {token} into as many tokens as there are rows."
+        )
+    features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+
+class TrajectoryDecoder(nn.Module):
+    """Decodes one feature vector per sample into `num_modes` trajectories of `num_waypoints` points.
+
+    The MLP predicts per-step displacements; their cumulative sum gives waypoints relative to the ego origin.
+    Input (B, H) → output (B, num_modes, num_waypoints, waypoint_dim).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_dims: Sequence[int],
+        num_modes: int,
+        num_waypoints: int,
+        waypoint_dim: int,
+        hidden_act: str,
+    ):
+        super().__init__()
+        self.trajectory_shape = (num_modes, num_waypoints, waypoint_dim)
+        self.mlp = MLP(in_features, hidden_dims, num_modes * num_waypoints * waypoint_dim, hidden_act)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        steps = self.mlp(features).view(features.shape[0], *self.trajectory_shape)
+        return steps.cumsum(dim=2)
+
+
+def select_mode(trajectories: torch.Tensor, command: torch.LongTensor) -> torch.Tensor:
+    """Picks each sample's commanded mode: `trajectories` (B, M, T, D), `command` (B,) → (B, T, D)."""
+    return trajectories[torch.arange(trajectories.shape[0], device=trajectories.device), command]
+
+
+def waypoint_loss(predicted: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean regression loss between waypoints (B, T, D); `kind` is "l1", "smooth_l1" or "mse"."""
+    losses = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}
+    return losses[kind](predicted.float(), target.float())
+
+
+def check_tensor(name: str, tensor: torch.Tensor, expected: Sequence[int | None], layout: str) -> None:
+    """Raises a `ValueError` unless `tensor` has the `expected` shape (None: any size) and only finite values.
+
+    `layout` names the dimensions in the message, e.g. "(B, Ns, Ds)".
+    """
+    shape = tuple(tensor.shape)
+    matches = len(shape) == len(expected) and all(
+        size is None or got == size for got, size in zip(shape, expected, strict=True)
+    )
+    if not matches:
+        wanted = tuple("*" if size is None else size for size in expected)
+        raise ValueError(f"{name} must have shape {layout} = {wanted}, got {shape}.")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf values.")

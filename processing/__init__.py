@@ -1,0 +1,1 @@
+"""Processors of vlmheads: placeholder expansion, chat templates."""
