@@ -1,4 +1,4 @@
-"""Everything needed to work without the Hub: a real Qwen2 tokenizer, tiny random and public real-size configs."""
+"""What working without the Hub needs: a real Qwen2 tokenizer, tiny and real-size configs, tiny Orion models."""
 
 from .configs import (
     PUBLIC_CONFIGS,
@@ -7,13 +7,19 @@ from .configs import (
     tiny_qwen2_5_vl_kwargs,
     tiny_qwen2_vl_kwargs,
 )
+from .orion import ORION_BACKBONES, OrionBackbone, orion_backbone, tiny_orion_model, tiny_orion_processor
 from .tokenizer import qwen2_vl_tokenizer
 
 __all__ = [
+    "ORION_BACKBONES",
     "PUBLIC_CONFIGS",
+    "OrionBackbone",
+    "orion_backbone",
     "public_config",
     "qwen2_vl_tokenizer",
     "tiny_image_processor_kwargs",
+    "tiny_orion_model",
+    "tiny_orion_processor",
     "tiny_qwen2_5_vl_kwargs",
     "tiny_qwen2_vl_kwargs",
 ]

@@ -1,0 +1,32 @@
+import os
+import tempfile
+
+# Nothing may download: the Hub is switched off for the whole suite, and remote code goes to a scratch cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="vlmheads-modules-")
+
+import pytest  # noqa: E402
+from orion_helpers import FAMILIES, make_processor  # noqa: E402
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="session")
+def shared_processors():
+    """Orion processors over the real Qwen2-VL tokenizer, built once per family; tests must not change them."""
+    built = {}
+
+    def get(family):
+        if family.name not in built:
+            built[family.name] = make_processor(family)
+        return built[family.name]
+
+    return get
+
+
+@pytest.fixture
+def processor(family, shared_processors):
+    return shared_processors(family)

@@ -1,0 +1,31 @@
+"""The benchmark scripts run and report their table; their figures live in BENCHMARKS.md, not in assertions."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_the_forward_benchmark_reports_both_models_and_the_ratios():
+    small = "--hidden_size 64 --num_layers 1 --num_scene_queries 8 --num_history_queries 4 --num_text_tokens 8"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_orion_forward.py"),
+            *small.split(),
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "20 tokens (8 scene + 4 history + 8 text)" in run.stdout
+    rows = re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", run.stdout, flags=re.MULTILINE)
+    assert [row[0] for row in rows] == ["Qwen2VLForConditionalGeneration", "OrionQwenForTrajectory"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])
+    assert re.search(r"time ratio \(Orion / plain, medians\): \d+\.\d{3}", run.stdout)

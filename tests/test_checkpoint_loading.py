@@ -1,0 +1,53 @@
+import torch
+from orion_helpers import SMALL_IDS, SMALL_VOCAB, driving_batch, small_model
+from safetensors import safe_open
+from transformers import AutoModel
+
+DRIVING_KEYS = {
+    "driving_embeddings.scene_projector.weight",
+    "driving_embeddings.scene_projector.bias",
+    "driving_embeddings.history_projector.weight",
+    "driving_embeddings.history_projector.bias",
+    "driving_embeddings.can_bus_projector.0.weight",
+    "driving_embeddings.can_bus_projector.0.bias",
+    "driving_embeddings.ego_embedding.weight",
+    "trajectory_decoder.mlp.0.weight",
+    "trajectory_decoder.mlp.0.bias",
+    "trajectory_decoder.mlp.2.weight",
+    "trajectory_decoder.mlp.2.bias",
+}
+
+
+def test_a_plain_qwen_checkpoint_loads_every_backbone_weight(family, tmp_path):
+    torch.manual_seed(0)
+    plain = family.plain_model(family.plain_config(**family.tiny_kwargs(SMALL_VOCAB))).eval()
+    plain.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as checkpoint:
+        assert any(key.startswith("model.layers.") for key in checkpoint.keys())  # the legacy Hub layout
+
+    model, info = family.model.from_pretrained(
+        tmp_path, output_loading_info=True, num_scene_queries=4, num_history_queries=3, **SMALL_IDS
+    )
+    assert set(info["missing_keys"]) == DRIVING_KEYS
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    plain_state = plain.state_dict()
+    model_state = model.state_dict()
+    assert set(model_state) - set(plain_state) == DRIVING_KEYS
+    for key, value in plain_state.items():
+        assert torch.equal(model_state[key], value), key
+
+    ids = torch.randint(10, 80, (2, 11))
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_save_and_reload_keep_every_weight_and_prediction(family, tmp_path):
+    model = small_model(family, num_modes=3)
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(reloaded) is family.model
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    batch = driving_batch(model.config)
+    command = torch.tensor([2, 0])
+    torch.testing.assert_close(
+        reloaded.eval()(**batch, command=command).trajectory, model(**batch, command=command).trajectory
+    )
