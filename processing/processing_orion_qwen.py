@@ -37,7 +37,7 @@ CHAT_TEMPLATE = Template(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-DRIVING_FEATURES = {"scene_queries": "scene", "history_queries": "history", "can_bus": "can_bus"}
+DRIVING_FEATURES = ("scene_queries", "history_queries", "can_bus")
 
 
 class OrionProcessorMixin(SelfContainedCodeMixin):
@@ -109,7 +109,7 @@ class OrionProcessorMixin(SelfContainedCodeMixin):
         if text is None:
             raise ValueError("text is required: every Orion prompt holds an <ego_wp> token.")
         prompts = [text] if isinstance(text, str) else list(text)
-        features = {"scene_queries": scene_queries, "history_queries": history_queries, "can_bus": can_bus}
+        features = dict(zip(DRIVING_FEATURES, (scene_queries, history_queries, can_bus), strict=True))
         self._check_prompts(prompts, features)
         expanded = [
             prompt.replace(self.scene_token, self.scene_token * self.num_scene_queries).replace(
@@ -123,35 +123,33 @@ class OrionProcessorMixin(SelfContainedCodeMixin):
         return BatchFeature({**outputs, **driving}, tensor_type=return_tensors)
 
     def _check_prompts(self, prompts: list[str], features: dict) -> None:
-        tokens = {"scene": self.scene_token, "history": self.history_token, "can_bus": self.can_bus_token}
         for index, prompt in enumerate(prompts):
             if prompt.count(self.ego_token) != 1:
                 raise ValueError(
                     f"Prompt {index} holds {prompt.count(self.ego_token)} {self.ego_token} tokens; every prompt needs "
                     f"exactly one, where the trajectory is read."
                 )
-        for name, kind in DRIVING_FEATURES.items():
-            counts = [prompt.count(tokens[kind]) for prompt in prompts]
-            if features[name] is None:
-                if any(counts):
-                    index = next(i for i, count in enumerate(counts) if count)
-                    raise ValueError(f"Prompt {index} holds a {tokens[kind]} placeholder but no {name} were given.")
-                continue
-            if any(count != 1 for count in counts):
-                index = next(i for i, count in enumerate(counts) if count != 1)
-                raise ValueError(
-                    f"Prompt {index} holds {counts[index]} {tokens[kind]} placeholders; with {name} given, every "
-                    f"prompt needs exactly one."
-                )
-            shape = np.shape(features[name])
-            rows = {"scene": self.num_scene_queries, "history": self.num_history_queries}.get(kind)
-            expected, layout = ((len(prompts), rows), "(B, rows, width)") if rows else ((len(prompts),), "(B, width)")
-            if len(shape) != len(expected) + 1 or shape[: len(expected)] != expected:
-                raise ValueError(f"{name} must have shape {layout} with B={len(prompts)}, rows={rows}; got {shape}.")
+        for name, token, rows in (
+            ("scene_queries", self.scene_token, self.num_scene_queries),
+            ("history_queries", self.history_token, self.num_history_queries),
+            ("can_bus", self.can_bus_token, None),
+        ):
+            given = features[name] is not None
+            counts = [prompt.count(token) for prompt in prompts]
+            index = next((i for i, count in enumerate(counts) if count != int(given)), None)
+            if index is not None:
+                expected = f"exactly one, as {name} were given" if given else f"none, as no {name} were given"
+                raise ValueError(f"Prompt {index} holds {counts[index]} {token} placeholders; expected {expected}.")
+            if given:
+                leading = (len(prompts),) if rows is None else (len(prompts), rows)
+                shape = np.shape(features[name])
+                if len(shape) != len(leading) + 1 or shape[: len(leading)] != leading:
+                    layout = "(B, width)" if rows is None else f"(B, {rows}, width)"
+                    raise ValueError(f"{name} must have shape {layout} with B={len(prompts)} prompts, got {shape}.")
 
     @property
     def model_input_names(self) -> list[str]:
-        return super().model_input_names + list(DRIVING_FEATURES)
+        return [*super().model_input_names, *DRIVING_FEATURES]
 
 
 class OrionQwenProcessor(OrionProcessorMixin, Qwen2VLProcessor):

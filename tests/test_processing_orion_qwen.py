@@ -66,8 +66,14 @@ def test_chat_template_places_the_driving_placeholders(processor):
 BAD_PROMPTS = {
     "no ego token": ("<scene><history><can_bus>Plan.", r"Prompt 0 holds 0 <ego_wp> tokens"),
     "two ego tokens": ("<scene><history><can_bus><ego_wp><ego_wp>", r"Prompt 0 holds 2 <ego_wp> tokens"),
-    "two scene placeholders": ("<scene><scene><history><can_bus><ego_wp>", r"Prompt 0 holds 2 <scene> placeholders"),
-    "missing history placeholder": ("<scene><can_bus><ego_wp>", r"Prompt 0 holds 0 <history> placeholders"),
+    "two scene placeholders": (
+        "<scene><scene><history><can_bus><ego_wp>",
+        r"Prompt 0 holds 2 <scene> placeholders; expected exactly one, as scene_queries were given",
+    ),
+    "missing history placeholder": (
+        "<scene><can_bus><ego_wp>",
+        r"Prompt 0 holds 0 <history> placeholders; expected exactly one",
+    ),
 }
 
 
@@ -79,7 +85,9 @@ def test_bad_prompts_are_clear_errors(processor, case):
 
 
 def test_a_placeholder_without_features_is_an_error(processor):
-    with pytest.raises(ValueError, match=r"Prompt 1 holds a <can_bus> placeholder but no can_bus were given"):
+    with pytest.raises(
+        ValueError, match=r"Prompt 1 holds 1 <can_bus> placeholders; expected none, as no can_bus were given"
+    ):
         processor(text=["<ego_wp>", "<can_bus><ego_wp>"])
 
 
@@ -89,10 +97,14 @@ def test_a_placeholder_without_features_is_an_error(processor):
         (
             "scene_queries",
             np.zeros((2, NUM_SCENE, 256)),
-            r"scene_queries must have shape .* B=1, rows=4; got \(2, 4, 256\)",
+            r"scene_queries must have shape \(B, 4, width\) with B=1 prompts, got \(2, 4, 256\)",
         ),
-        ("history_queries", np.zeros((1, 2, 256)), r"history_queries .* rows=3; got \(1, 2, 256\)"),
-        ("can_bus", np.zeros(89), r"can_bus must have shape \(B, width\) with B=1"),
+        (
+            "history_queries",
+            np.zeros((1, 2, 256)),
+            r"history_queries must have shape \(B, 3, width\) with B=1 prompts, got \(1, 2, 256\)",
+        ),
+        ("can_bus", np.zeros(89), r"can_bus must have shape \(B, width\) with B=1 prompts, got \(89,\)"),
     ],
 )
 def test_features_of_the_wrong_shape_are_errors(processor, name, value, message):
