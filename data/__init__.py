@@ -1,0 +1,1 @@
+"""Data sets of vlmheads: record schemas, validation and synthetic generators, as `datasets.Dataset`s."""
