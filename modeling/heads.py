@@ -100,3 +100,74 @@ def check_tensor(name: str, tensor: torch.Tensor, expected: Sequence[int | None]
         raise ValueError(f"{name} must have shape {layout} = {wanted}, got {shape}.")
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains NaN or inf values.")
+
+
+class ClassificationHead(nn.Module):
+    """An MLP classifier on one pooled feature vector per sample: (B, in_features) → logits (B, num_labels).
+
+    Each hidden layer is `Linear` → optional `BatchNorm1d` → activation → `Dropout`; the last layer is a plain
+    `Linear`. Backbone-agnostic: the model decides what it pools.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_dims: Sequence[int],
+        num_labels: int,
+        dropout_rates: Sequence[float],
+        batch_norm: bool,
+        activation: str,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        widths = [in_features, *hidden_dims]
+        for width_in, width_out, rate in zip(widths[:-1], widths[1:], dropout_rates, strict=True):
+            layers.append(nn.Linear(width_in, width_out))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width_out))
+            layers += [ACT2FN[activation], nn.Dropout(rate)]
+        self.hidden = nn.Sequential(*layers)
+        self.out_proj = nn.Linear(widths[-1], num_labels)
+        self.batch_norm = batch_norm
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.batch_norm and self.training and features.shape[0] < 2:
+            raise ValueError(
+                "The classifier's batch norm needs at least 2 samples per training batch, got 1: raise the batch size "
+                "or set classifier_batch_norm=False."
+            )
+        # The backbone may run in another dtype (bf16) than the head (fp32 under k-bit training).
+        first_weight = (self.hidden[0] if len(self.hidden) else self.out_proj).weight
+        if first_weight.is_floating_point():
+            features = features.to(first_weight.device, first_weight.dtype)
+        return self.out_proj(self.hidden(features))
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `features` (B, N, H) over the positions where `mask` (B, N) is true: (B, H).
+
+    Every sample needs at least one valid position.
+    """
+    mask = mask.to(torch.bool)
+    counts = mask.sum(dim=1, keepdim=True)
+    if (counts == 0).any():
+        raise ValueError(f"Each sample needs at least one valid position to pool; valid counts are {counts.tolist()}.")
+    weights = mask.unsqueeze(-1).to(features.dtype)
+    return (features * weights).sum(dim=1) / counts.to(features.dtype)
+
+
+def last_token_state(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden state at each sample's last non-padding token: `hidden_states` (B, L, H) → (B, H).
+
+    Works for left and right padding; without `attention_mask` it is the last position.
+    """
+    batch_size, length = hidden_states.shape[:2]
+    if attention_mask is None:
+        return hidden_states[:, -1]
+    mask = attention_mask.to(hidden_states.device).bool()
+    if not mask.any(dim=1).all():
+        raise ValueError(
+            f"Each sample needs at least one non-padding token; attention_mask rows sum to {mask.sum(1)}."
+        )
+    last = (mask * torch.arange(length, device=hidden_states.device)).amax(dim=1)
+    return hidden_states[torch.arange(batch_size, device=hidden_states.device), last]

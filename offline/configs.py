@@ -10,6 +10,7 @@ PUBLIC_CONFIGS = {
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2_vl_7b_instruct.json",
     "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b_instruct.json",
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b_instruct.json",
+    "meta-llama/Llama-3.2-11B-Vision": "llama_3_2_11b_vision.json",
 }
 
 
@@ -86,4 +87,53 @@ def tiny_image_processor_kwargs() -> dict[str, Any]:
         "patch_size": 14,
         "merge_size": 2,
         "temporal_patch_size": 2,
+    }
+
+
+def tiny_mllama_kwargs(
+    vocab_size: int,
+    image_token_index: int,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    bos_token_id: int = 0,
+    eos_token_id: int = 1,
+    pad_token_id: int = 2,
+) -> dict[str, Any]:
+    """Keyword arguments of a tiny random `MllamaConfig`: the last decoder layer cross-attends, the vision tower
+    reads tiles of `image_size` pixels (match the image processor's `size`) and outputs its last and first layers.
+
+    Like Llama-3.2-Vision, `<|image|>` may sit at `image_token_index == vocab_size`: the embedding table has 8
+    rows more than the vocabulary.
+    """
+    vision_hidden = 32
+    return {
+        "text_config": {
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "cross_attention_layers": [num_hidden_layers - 1],
+            "max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+        },
+        "vision_config": {
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_hidden_layers": 2,
+            "num_global_layers": 1,
+            "attention_heads": 4,
+            "intermediate_layers_indices": [0],
+            "vision_output_dim": 2 * vision_hidden,
+            "max_num_tiles": 4,
+        },
+        "image_token_index": image_token_index,
     }

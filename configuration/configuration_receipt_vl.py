@@ -1,0 +1,105 @@
+"""Configuration of the receipt classifier on Mllama (Llama-3.2-Vision)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import MllamaConfig
+from transformers.activations import ACT2FN
+
+from ..publishing import SelfContainedCodeMixin
+
+POOLINGS = ("vision", "multimodal")
+RECEIPT_COUNT_LABELS = {0: "0", 1: "1", 2: "2 or more"}
+
+
+@strict
+class ReceiptVLConfig(SelfContainedCodeMixin, MllamaConfig):
+    r"""
+    Configuration of [`ReceiptVLClassifier`]: a Mllama configuration plus the classification head. Without
+    `id2label` or `num_labels`, the classes are the receipt counts `"0"`, `"1"` and `"2 or more"`.
+
+    pooling (`str`, *optional*, defaults to `"vision"`):
+        What the head reads. `"vision"`: the masked mean of the projected vision tokens over the valid images,
+        tiles and patches (image only; the text decoder does not run). `"multimodal"`: the text decoder's last
+        hidden state at the last non-padding token, after cross-attending to the image (image + prompt).
+    classifier_hidden_dims (`list[int]`, *optional*, defaults to `[768, 256]`):
+        Widths of the head's hidden layers; empty gives one `Linear(H, num_labels)`.
+    classifier_dropout_rates (`list[float]`, *optional*, defaults to `[0.2, 0.1]`):
+        Dropout after each hidden layer, one rate per entry of `classifier_hidden_dims`; unset, 0.2 after the first
+        and 0.1 after the others.
+    classifier_batch_norm (`bool`, *optional*, defaults to `True`):
+        Batch normalisation after each hidden linear layer (training batches then need 2 samples or more).
+    classifier_activation (`str`, *optional*, defaults to `"gelu"`):
+        Activation after each hidden layer, one of transformers' activations.
+    base_model (`str`, *optional*):
+        Hub id of the checkpoint the backbone weights came from, for the model card.
+
+    Example:
+
+    ```python
+    >>> from vlmheads import ReceiptVLConfig
+
+    >>> config = ReceiptVLConfig(pooling="multimodal", classifier_hidden_dims=[512], classifier_dropout_rates=[0.1])
+    >>> config.id2label
+    {0: '0', 1: '1', 2: '2 or more'}
+    ```
+    """
+
+    model_type = "receipt_vl"
+    auto_classes = ("AutoConfig",)
+    # The Trainer hands every other output to `compute_metrics`: keep only the logits.
+    keys_to_ignore_at_inference = ["pooled_features", "hidden_states", "attentions"]
+
+    pooling: str = "vision"
+    classifier_hidden_dims: list[int] | None = None
+    classifier_dropout_rates: list[float] | None = None
+    classifier_batch_norm: bool = True
+    classifier_activation: str = "gelu"
+    base_model: str | None = None
+
+    def __post_init__(self, **kwargs):
+        # A plain Mllama config.json says "mllama"; this class's own type must stay.
+        kwargs.pop("model_type", None)
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = dict(RECEIPT_COUNT_LABELS)
+        if self.classifier_hidden_dims is None:
+            self.classifier_hidden_dims = [768, 256]
+        if self.classifier_dropout_rates is None:
+            self.classifier_dropout_rates = [0.2, *[0.1] * (len(self.classifier_hidden_dims) - 1)][
+                : len(self.classifier_hidden_dims)
+            ]
+        super().__post_init__(**kwargs)
+        if self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
+        self.check_classifier_settings()
+
+    def check_classifier_settings(self) -> None:
+        """Raises a `ValueError` naming the first invalid classification setting.
+
+        Runs at construction, and again when a model is built, because `from_pretrained(..., **kwargs)` sets
+        attributes after construction.
+        """
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
+        if self.num_labels < 2:
+            raise ValueError(f"A classifier needs at least 2 labels, got num_labels={self.num_labels}.")
+        if sorted(self.id2label) != list(range(self.num_labels)):
+            raise ValueError(
+                f"id2label keys must be the ids 0 ... {self.num_labels - 1}, got {sorted(self.id2label)}."
+            )
+        expected_label2id = {label: index for index, label in self.id2label.items()}
+        if len(expected_label2id) != self.num_labels:
+            raise ValueError(f"id2label must name each class differently, got {self.id2label}.")
+        if {str(label): int(index) for label, index in self.label2id.items()} != expected_label2id:
+            raise ValueError(f"label2id {self.label2id} is not the inverse of id2label {self.id2label}.")
+        if any(width < 1 for width in self.classifier_hidden_dims):
+            raise ValueError(f"classifier_hidden_dims must hold positive widths, got {self.classifier_hidden_dims}.")
+        if len(self.classifier_dropout_rates) != len(self.classifier_hidden_dims):
+            raise ValueError(
+                f"classifier_dropout_rates needs one rate per hidden layer: {len(self.classifier_hidden_dims)} "
+                f"for classifier_hidden_dims={self.classifier_hidden_dims}, got {self.classifier_dropout_rates}."
+            )
+        if any(not 0 <= rate < 1 for rate in self.classifier_dropout_rates):
+            raise ValueError(f"classifier_dropout_rates must lie in [0, 1), got {self.classifier_dropout_rates}.")
+        if self.classifier_activation not in ACT2FN:
+            raise ValueError(
+                f"classifier_activation must be one of transformers' activations, got {self.classifier_activation!r}."
+            )
