@@ -3,11 +3,13 @@
 Imports only torch and transformers: this file ships as remote code with every saved model.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 
@@ -23,6 +25,18 @@ class MLP(nn.Sequential):
         for width_in, width_out in zip(widths[1:-1], widths[2:], strict=True):
             layers += [ACT2FN[hidden_act], nn.Linear(width_in, width_out)]
         super().__init__(*layers)
+
+    def init_fan_in_(self) -> None:
+        """PyTorch's default `Linear` initialisation, uniform and scaled by fan-in, for every layer.
+
+        transformers' normal(0, 0.02) suits residual transformer layers but leaves a stack of small layers nearly
+        linear and slow to train. Like transformers' own init, this leaves weights loaded from a checkpoint alone.
+        """
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+                bound = 1 / math.sqrt(layer.in_features)
+                init.uniform_(layer.bias, -bound, bound)
 
 
 def splice_features(

@@ -129,6 +129,12 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
         )
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Runs after the MLP's own layers got transformers' 0.02-normal init: MLP heads train faster from fan-in init.
+        if isinstance(module, MLP):
+            module.init_fan_in_()
+
     def _check_driving_inputs(
         self,
         batch_size: int,
