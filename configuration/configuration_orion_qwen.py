@@ -56,6 +56,20 @@ class OrionDrivingConfigMixin:
         Hub id of the checkpoint the backbone weights came from, for the model card.
     """
 
+    # The Trainer hands every other output to `compute_metrics`: keep only the trajectory.
+    keys_to_ignore_at_inference = [
+        "cache",
+        "logits",
+        "trajectory_modes",
+        "ego_features",
+        "waypoint_loss",
+        "lm_loss",
+        "hidden_states",
+        "attentions",
+        "image_outputs",
+        "video_outputs",
+    ]
+
     num_scene_queries: int = 256
     scene_query_dim: int = 256
     num_history_queries: int = 256

@@ -1,0 +1,1 @@
+"""Fine-tuning helpers: freezing, LoRA, Trainer metrics."""
