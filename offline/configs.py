@@ -93,7 +93,7 @@ def tiny_image_processor_kwargs() -> dict[str, Any]:
 def tiny_mllama_kwargs(
     vocab_size: int,
     image_token_index: int,
-    hidden_size: int = 32,
+    hidden_size: int = 64,
     num_hidden_layers: int = 2,
     image_size: int = 32,
     patch_size: int = 8,
@@ -105,7 +105,8 @@ def tiny_mllama_kwargs(
     reads tiles of `image_size` pixels (match the image processor's `size`) and outputs its last and first layers.
 
     Like Llama-3.2-Vision, `<|image|>` may sit at `image_token_index == vocab_size`: the embedding table has 8
-    rows more than the vocabulary.
+    rows more than the vocabulary. bitsandbytes' 4-bit layers run on the CPU only for inputs at least 64 wide
+    (one quantization block), hence the default `hidden_size`.
     """
     vision_hidden = 32
     return {

@@ -49,7 +49,7 @@ def tiny_mllama_model(
 def tiny_receipt_model(
     processor: ReceiptVLProcessor, seed: int = 0, backbone_overrides: dict | None = None, **config_overrides
 ) -> ReceiptVLClassifier:
-    """A tiny random receipt classifier (hidden 32, 2 decoder layers, head [64]) matching the processor, in eval
+    """A tiny random receipt classifier (hidden 64, 2 decoder layers, head [64]) matching the processor, in eval
     mode; `config_overrides` set `ReceiptVLConfig` fields such as `pooling`."""
     settings = {"classifier_hidden_dims": [64], **config_overrides}
     backbone = tiny_mllama_backbone_kwargs(processor, **(backbone_overrides or {}))
