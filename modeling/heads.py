@@ -13,6 +13,20 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 
+class FanInLinear(nn.Linear):
+    """A `Linear` layer of an MLP head, initialised like PyTorch does (uniform, scaled by fan-in).
+
+    transformers' normal(0, 0.02) suits residual transformer layers but leaves a stack of small layers nearly
+    linear and slow to train: models route these layers to `init_fan_in_` from their `_init_weights`.
+    """
+
+    def init_fan_in_(self) -> None:
+        """Like `reset_parameters`, through transformers' init functions, which leave loaded weights alone."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.in_features)
+        init.uniform_(self.bias, -bound, bound)
+
+
 class MLP(nn.Sequential):
     """`Linear` layers `in_features → *hidden_dims → out_features` with an activation between them.
 
@@ -21,22 +35,10 @@ class MLP(nn.Sequential):
 
     def __init__(self, in_features: int, hidden_dims: Sequence[int], out_features: int, hidden_act: str):
         widths = [in_features, *hidden_dims, out_features]
-        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+        layers: list[nn.Module] = [FanInLinear(widths[0], widths[1])]
         for width_in, width_out in zip(widths[1:-1], widths[2:], strict=True):
-            layers += [ACT2FN[hidden_act], nn.Linear(width_in, width_out)]
+            layers += [ACT2FN[hidden_act], FanInLinear(width_in, width_out)]
         super().__init__(*layers)
-
-    def init_fan_in_(self) -> None:
-        """PyTorch's default `Linear` initialisation, uniform and scaled by fan-in, for every layer.
-
-        transformers' normal(0, 0.02) suits residual transformer layers but leaves a stack of small layers nearly
-        linear and slow to train. Like transformers' own init, this leaves weights loaded from a checkpoint alone.
-        """
-        for layer in self:
-            if isinstance(layer, nn.Linear):
-                init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
-                bound = 1 / math.sqrt(layer.in_features)
-                init.uniform_(layer.bias, -bound, bound)
 
 
 def splice_features(

@@ -18,7 +18,7 @@ from transformers.utils import can_return_tuple
 
 from ..configuration.configuration_orion_qwen import OrionQwen2_5Config, OrionQwenConfig
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
-from .heads import MLP, TrajectoryDecoder, check_tensor, select_mode, splice_features, waypoint_loss
+from .heads import MLP, FanInLinear, TrajectoryDecoder, check_tensor, select_mode, splice_features, waypoint_loss
 
 # Official checkpoints keep legacy key names (`model.layers.*`, `visual.*`); transformers renames them only for
 # the classes it knows, so without this the backbone of a subclass would silently be re-initialised.
@@ -130,10 +130,10 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        # Runs after the MLP's own layers got transformers' 0.02-normal init: MLP heads train faster from fan-in init.
-        if isinstance(module, MLP):
+        if isinstance(module, FanInLinear):
             module.init_fan_in_()
+        else:
+            super()._init_weights(module)
 
     def _check_driving_inputs(
         self,
