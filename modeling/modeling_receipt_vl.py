@@ -17,6 +17,7 @@ from transformers import BitsAndBytesConfig, MllamaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import can_return_tuple
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..configuration.configuration_receipt_vl import ReceiptVLConfig
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
@@ -77,7 +78,9 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+    def from_pretrained(
+        cls, *args, quantization_config: QuantizationConfigMixin | dict | None = None, **kwargs
+    ) -> "ReceiptVLClassifier":
         # transformers' default bitsandbytes skip list holds only `lm_head` and the last module: it would quantize
         # the vision tower, the projector and most of the head.
         if isinstance(quantization_config, BitsAndBytesConfig) and quantization_config.llm_int8_skip_modules is None:
@@ -267,7 +270,7 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
             loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions, pooled_features=pooled
         )
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # Generation needs next-token logits: the decode steps run the Mllama forward, not the classifier.
         model_inputs["language_modeling"] = True

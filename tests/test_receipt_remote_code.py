@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from receipt_helpers import make_model, make_processor, photo_file, question_prompt
 
 ALLOWED_IMPORTS = {"ast", "dataclasses", "importlib", "re", "string", "sys", "tempfile", "collections", "pathlib"}
-ALLOWED_IMPORTS |= {"copy", "os", "typing", "numpy", "PIL", "tokenizers", "torch", "transformers", "huggingface_hub"}
+ALLOWED_IMPORTS |= {"copy", "math", "os", "typing", "numpy", "PIL", "tokenizers", "torch", "transformers", "huggingface_hub"}
 CODE_FILES = {
     "configuration_receipt_vl.py",
     "modeling_receipt_vl.py",
