@@ -10,8 +10,8 @@ import torch
 from huggingface_hub import ModelCard
 from orion_helpers import camera_image, driving_features, driving_prompt, make_processor, real_vocab_model
 
-ALLOWED_IMPORTS = {"ast", "dataclasses", "importlib", "re", "string", "sys", "tempfile", "collections", "pathlib"}
-ALLOWED_IMPORTS |= {"typing", "numpy", "tokenizers", "torch", "transformers", "huggingface_hub"}
+# What a Hub user of the folder has: the standard library and transformers with its own dependencies.
+ALLOWED_IMPORTS = set(sys.stdlib_module_names) | {"numpy", "tokenizers", "torch", "transformers", "huggingface_hub"}
 
 
 def saved_model(family, folder: Path, **overrides):

@@ -80,6 +80,10 @@ class SelfContainedCodeMixin:
     auto_classes: ClassVar[tuple[str, ...]] = ()
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
+        if isinstance(self, PreTrainedModel):
+            # Write transformers' own key layout, not the legacy Hub one: the Trainer resumes a checkpoint with a
+            # plain `load_state_dict`, which skips renamed keys (transformers issue #43701).
+            kwargs.setdefault("save_original_format", False)
         # Models keep `auto_map` in their config, configs and processors in themselves.
         owner = self.config if isinstance(self, PreTrainedModel) else self
         reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
