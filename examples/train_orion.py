@@ -17,12 +17,14 @@ The script runs unchanged under `accelerate launch --num_processes 2 --cpu` (DDP
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -101,6 +103,11 @@ class OrionTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(default_factory=lambda: ["ego_waypoints"])
     # Frozen or unused parts (the vision tower of a text-only batch) must not stop DDP.
     ddp_find_unused_parameters: bool | None = field(default=True)
+
+    def __post_init__(self):
+        # Without CUDA, the Trainer runs DDP over gloo only with use_cpu; otherwise each torchrun process runs alone.
+        self.use_cpu = self.use_cpu or not torch.cuda.is_available()
+        super().__post_init__()
 
 
 def build_model(args: ModelArguments, seed: int) -> tuple[ProcessorMixin, PreTrainedModel]:
@@ -206,6 +213,14 @@ def main() -> None:
         processing_class=processor,
     )
 
+    mode = trainer.accelerator.distributed_type
+    fsdp_requested = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_requested and mode != DistributedType.FSDP:
+        raise ValueError(
+            f"FSDP was requested but accelerate runs this job as {mode.value}: it enables FSDP on GPUs and other "
+            "accelerators only, not on CPU processes."
+        )
+
     untrained = trainer.evaluate(metric_key_prefix="untrained")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trained = trainer.evaluate(metric_key_prefix="trained")
@@ -220,6 +235,7 @@ def main() -> None:
             model.save_pretrained(training_args.output_dir)
     else:
         trainer.save_model(training_args.output_dir)
+    print(f"Process {training_args.process_index} of {training_args.world_size} finished training ({mode.value}).")
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(training_args.output_dir)

@@ -1,0 +1,160 @@
+"""examples/train_orion.py end to end: learning, resuming, DDP on CPU, LoRA; and the training helpers."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, EvalPrediction
+
+from vlmheads.offline import tiny_orion_model, tiny_orion_processor
+from vlmheads.training.orion import DRIVING_MODULES, TrajectoryMetrics, add_lora, freeze_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_orion.py"
+SHORT_RUN = ["--num_train_samples", "128", "--num_eval_samples", "32", "--max_steps", "4", "--disable_tqdm", "true"]
+
+
+def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def metrics_table(stdout: str) -> dict[str, list[float]]:
+    rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", stdout, re.M)
+    return {name: [float(value) for value in values] for name, *values in rows}
+
+
+@pytest.mark.slow
+def test_the_demo_learns_from_both_the_can_bus_and_the_scene(tmp_path):
+    """The learning test: fixed seed, CPU, the script's own defaults (tiny model, synthetic set)."""
+    result = run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    table = metrics_table(result.stdout)
+    l2_3s = {name: values[2] for name, values in table.items()}
+    assert set(l2_3s) == {
+        "constant velocity (CAN bus)",
+        "untrained model",
+        "trained model",
+        "trained model, scene queries zeroed",
+    }
+    assert l2_3s["trained model"] <= 0.5 * l2_3s["constant velocity (CAN bus)"], table
+    assert l2_3s["trained model, scene queries zeroed"] >= 1.5 * l2_3s["trained model"], table
+    assert l2_3s["untrained model"] > l2_3s["constant velocity (CAN bus)"], table
+    assert "reloaded with AutoModel: same plans" in result.stdout
+
+    card = (tmp_path / "README.md").read_text()
+    assert "| trained model | " in card and "| constant velocity (CAN bus) | " in card
+    assert "![training_report.png](training_report.png)" in card
+    assert (tmp_path / "training_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(reloaded).__name__ == "OrionQwenForTrajectory"
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
+    checkpointing = [*SHORT_RUN[:4], "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4"]
+    checkpointing += ["--logging_steps", "1", "--disable_tqdm", "true"]
+    run([sys.executable, str(SCRIPT), *checkpointing, "--output_dir", str(tmp_path / "full")])
+    resume = ["--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-4")]
+    run([sys.executable, str(SCRIPT), *checkpointing, *resume, "--output_dir", str(tmp_path / "resumed")])
+
+    def losses(folder: str) -> dict[int, float]:
+        state = json.loads((tmp_path / folder / "checkpoint-8" / "trainer_state.json").read_text())
+        return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+    full, resumed = losses("full"), losses("resumed")
+    assert sorted(full) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), (step, full, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+        ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+    ],
+    ids=["torchrun", "accelerate"],
+)
+def test_two_cpu_processes_train_with_ddp_over_gloo(tmp_path, launcher):
+    result = run([sys.executable, *launcher, str(SCRIPT), *SHORT_RUN, "--output_dir", str(tmp_path)])
+    for rank in range(2):
+        assert f"Process {rank} of 2 finished training (MULTI_CPU)." in result.stdout
+    model, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.slow
+def test_an_fsdp_config_on_cpu_processes_is_a_clear_error(tmp_path):
+    config = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT)]
+    result = subprocess.run(
+        [*command, *SHORT_RUN, "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert result.returncode != 0
+    assert "FSDP was requested but accelerate runs this job as MULTI_CPU" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through accelerate needs two CUDA GPUs")
+def test_fsdp_shards_the_model_over_two_gpus(tmp_path):
+    config = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT)]
+    result = run([*command, *SHORT_RUN, "--output_dir", str(tmp_path)])
+    for rank in range(2):
+        assert f"Process {rank} of 2 finished training (FSDP)." in result.stdout
+    assert AutoModel.from_pretrained(tmp_path).config.model_type == "orion_qwen2_vl"
+
+
+@pytest.mark.slow
+def test_lora_with_text_answers_and_activation_checkpointing_trains_and_saves_a_full_model(tmp_path):
+    options = ["--lora", "--with_answers", "--activation_checkpointing", "true", "--base_model", "tiny-qwen2_5_vl"]
+    result = run([sys.executable, str(SCRIPT), *SHORT_RUN, *options, "--output_dir", str(tmp_path)])
+    assert "| trained model |" in result.stdout
+    model, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(model).__name__ == "OrionQwen2_5ForTrajectory"
+    assert not info["missing_keys"] and not any("lora" in key for key in model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_orion_processor("qwen2_vl", num_scene_queries=4, num_history_queries=3)
+
+
+def test_lora_adapts_only_the_language_model_and_trains_the_driving_modules(processor):
+    model = add_lora(tiny_orion_model(processor))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    adapters = [name for name in trainable if "lora_" in name]
+    assert adapters and all(".language_model." in name for name in adapters)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} == {re.search(r"\.(\w_proj)\.lora_", n).group(1) for n in adapters}
+    others = [name for name in trainable if "lora_" not in name]
+    assert others and all(any(module in name for module in DRIVING_MODULES) for name in others)
+    assert not any("visual" in name for name in trainable)
+    merged = model.merge_and_unload()
+    assert type(merged).__name__ == "OrionQwenForTrajectory"
+    assert set(merged.state_dict()) == set(tiny_orion_model(processor).state_dict())
+
+
+def test_freezing_stops_gradients_into_the_chosen_parts(processor):
+    model = tiny_orion_model(processor)
+    freeze_backbone(model, vision_tower=True, language_model=False)
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+    freeze_backbone(model, vision_tower=False, language_model=True)
+    assert not any(p.requires_grad for p in model.model.language_model.parameters())
+    assert all(p.requires_grad for p in model.driving_embeddings.parameters())
+    assert all(p.requires_grad for p in model.trajectory_decoder.parameters())
+
+
+def test_trainer_metrics_read_the_trajectory_among_the_outputs():
+    targets = np.zeros((3, 6, 2))
+    trajectories = np.ones((3, 6, 2))
+    metrics = TrajectoryMetrics()(EvalPrediction(predictions=(np.zeros((3, 7)), trajectories), label_ids=targets))
+    assert metrics["ADE"] == pytest.approx(np.sqrt(2))
+    with pytest.raises(ValueError, match=r"one prediction shaped like the targets \(3, 6, 2\)"):
+        TrajectoryMetrics()(EvalPrediction(predictions=np.zeros((3, 7)), label_ids=targets))
