@@ -4,10 +4,10 @@
    `MllamaForConditionalGeneration` forward, all three on the same inputs (tiled images + a prompt) and the same
    backbone weights, alternating every repeat in one process. Also counts the text decoder's calls under
    `pooling="vision"` (a forward hook): it must be 0.
-2. Memory: the same classifier saved with random weights, then loaded in full precision, with an 8-bit decoder and
-   with a 4-bit NF4 decoder (the model's default skip list): measured parameter bytes next to the formulas of
-   `receipt_memory_table.py`, and images/s of each. On CUDA also the peak GPU memory of a forward and of one QLoRA
-   training step (NF4 base, LoRA on the decoder, head trained, AdamW).
+2. Memory: the classifier (`pooling="multimodal"`, so that the decoder runs) saved with random weights, then loaded
+   in full precision, with an 8-bit decoder and with a 4-bit NF4 decoder (the model's default skip list): measured
+   parameter bytes next to the formulas of `receipt_memory_table.py`, and images/s of each. On CUDA also the peak
+   GPU memory of a forward and of one QLoRA training step (NF4 base, LoRA on the decoder, head trained, AdamW).
 
     python benchmarks/bench_receipt_head.py                          # the BENCHMARKS.md configuration (CPU)
     python benchmarks/bench_receipt_head.py --device cuda --dtype bfloat16 --real_size   # Llama-3.2-11B-Vision
@@ -16,7 +16,9 @@
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import bitsandbytes as bnb
 import torch
@@ -109,42 +111,55 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(model: torch.nn.Module, inputs: dict, device: str) -> float:
+def timed(run: Callable[[], object], device: str) -> float:
     synchronize(device)
     start = time.perf_counter()
-    model(**inputs)
+    run()
     synchronize(device)
     return time.perf_counter() - start
 
 
-def latency(args: BenchmarkArguments) -> ReceiptVLConfig:
-    kwargs = backbone_kwargs(args)
-    config = ReceiptVLConfig(**kwargs, pooling="vision")
-    dtype = getattr(torch, args.dtype)
+def latency(args: BenchmarkArguments) -> None:
+    config = ReceiptVLConfig(**backbone_kwargs(args))
     torch.manual_seed(args.seed)
-    vision = ReceiptVLClassifier(config).to(args.device, dtype).eval()
-    multimodal = ReceiptVLClassifier(ReceiptVLConfig(**kwargs, pooling="multimodal")).to(args.device, dtype).eval()
-    multimodal.load_state_dict(vision.state_dict())
-    bare = MllamaForConditionalGeneration(MllamaConfig(**kwargs)).to(args.device, dtype).eval()
-    bare.load_state_dict(vision.state_dict(), strict=False)
+    # One set of weights serves all three runs, so that the real-size model fits one GPU once.
+    model = ReceiptVLClassifier._from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     inputs = build_inputs(args, config)
     image_only = {name: inputs[name] for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+
+    def classify(pooling: str, model_inputs: dict) -> Callable[[], object]:
+        def run():
+            model.config.pooling = pooling
+            return model(**model_inputs)
+
+        return run
+
     runs = {
-        "MllamaForConditionalGeneration (bare)": (bare, {**inputs, "use_cache": False}),
-        'ReceiptVLClassifier pooling="vision"': (vision, image_only),
-        'ReceiptVLClassifier pooling="multimodal"': (multimodal, inputs),
+        # The parent class's forward on the same module: exactly what the bare Mllama model computes.
+        "MllamaForConditionalGeneration (bare)": lambda: MllamaForConditionalGeneration.forward(
+            model, **inputs, use_cache=False
+        ),
+        'ReceiptVLClassifier pooling="vision"': classify("vision", image_only),
+        'ReceiptVLClassifier pooling="multimodal"': classify("multimodal", inputs),
     }
-    decoder_calls = []
-    hook = vision.model.language_model.register_forward_hook(lambda *_: decoder_calls.append(1))
+    decoder_calls = {name: 0 for name in runs}
+    current = []
+
+    def count_decoder_call(*_):
+        decoder_calls[current[-1]] += 1
+
+    hook = model.model.language_model.register_forward_hook(count_decoder_call)
     times = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(args.warmup):
-            for model, model_inputs in runs.values():
-                model(**model_inputs)
+            for name, run in runs.items():
+                current.append(name)
+                run()
         for repeat in range(args.repeats):
             order = list(runs.items())
-            for name, (model, model_inputs) in order if repeat % 2 == 0 else order[::-1]:
-                times[name].append(timed(model, model_inputs, args.device))
+            for name, run in order if repeat % 2 == 0 else order[::-1]:
+                current.append(name)
+                times[name].append(timed(run, args.device))
     hook.remove()
 
     tokens = args.num_tiles * ((config.vision_config.image_size // 14) ** 2 + 1)
@@ -163,8 +178,8 @@ def latency(args: BenchmarkArguments) -> ReceiptVLConfig:
     for pooling in ("vision", "multimodal"):
         ratio = statistics.median(times[f'ReceiptVLClassifier pooling="{pooling}"']) / bare_median
         print(f"time ratio ({pooling} pooling / bare Mllama, medians): {ratio:.3f}")
-    print(f'text decoder calls during {args.warmup + args.repeats} pooling="vision" forwards: {len(decoder_calls)}')
-    return config
+    calls = ", ".join(f"{name}: {count}" for name, count in decoder_calls.items())
+    print(f"text decoder calls in {args.warmup + args.repeats} forwards each: {calls}")
 
 
 def measured_parameter_bytes(model: torch.nn.Module) -> int:
@@ -195,7 +210,9 @@ def qlora_step(model: torch.nn.Module, inputs: dict) -> None:
     optimizer.zero_grad()
 
 
-def memory(args: BenchmarkArguments, config: ReceiptVLConfig) -> None:
+def memory(args: BenchmarkArguments) -> None:
+    # Multimodal pooling runs the (quantized) decoder, and gives the QLoRA adapters a gradient.
+    config = ReceiptVLConfig(**backbone_kwargs(args), pooling="multimodal")
     dtype = getattr(torch, args.dtype)
     with torch.device("meta"):
         meta_model = ReceiptVLClassifier(config)
@@ -210,49 +227,55 @@ def memory(args: BenchmarkArguments, config: ReceiptVLConfig) -> None:
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(args.seed)
-        ReceiptVLClassifier(config).to(dtype).save_pretrained(folder)
+        ReceiptVLClassifier._from_config(config, dtype=dtype).save_pretrained(folder)
         print(
             f"\nMemory: {config.pooling} pooling, weights loaded from a saved random checkpoint, {args.device} "
             f"{args.dtype}; estimate = receipt_memory_table.py formulas on the meta-device model"
         )
         print(
-            "| loading | parameter memory MB (measured) | estimate MB | images/s | peak forward GPU MB |"
+            "| loading | parameter memory MB (measured) | estimate MB | images/s | peak GPU MB (load + forward) |"
             "\n|---|---|---|---|---|"
         )
         for mode, quantization in modes.items():
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            model = ReceiptVLClassifier.from_pretrained(
-                folder, quantization_config=quantization, dtype=dtype, device_map=args.device
-            ).eval()
-            inputs = build_inputs(args, config)
-            image_only = {name: inputs[name] for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
-            with torch.inference_mode():
-                model(**image_only)
-                seconds = statistics.median(timed(model, image_only, args.device) for _ in range(args.memory_repeats))
-            peak = f"{torch.cuda.max_memory_allocated() / 1e6:.0f}" if cuda else "n/a (CPU)"
+            model = load(folder, quantization, dtype, args.device)
+            # Measured before any forward: on the CPU, bitsandbytes repacks 4-bit weights at the first eval forward.
             measured = measured_parameter_bytes(model)
             estimate = parameter_bytes(meta_model, mode, dtype_bytes)
+            inputs = build_inputs(args, config)
+            with torch.inference_mode():
+                forward = partial(model, **inputs)
+                forward()
+                seconds = statistics.median(timed(forward, args.device) for _ in range(args.memory_repeats))
+            peak = f"{torch.cuda.max_memory_allocated() / 1e6:.0f}" if cuda else "n/a (CPU)"
             label = {"full": f"full precision ({args.dtype})", "8bit": "8-bit decoder", "4bit": "4-bit NF4 decoder"}
             print(
                 f"| {label[mode]} | {measured / 1e6:.3f} | {estimate / 1e6:.3f} | "
                 f"{args.batch_size / seconds:.1f} | {peak} |"
             )
-            if mode == "4bit":
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                qlora_step(model, image_only)
-                qlora_peak = f"{torch.cuda.max_memory_allocated() / 1e6:.0f} MB" if cuda else "n/a on the CPU"
-                print(f"one QLoRA training step (batch {args.batch_size}), peak GPU memory: {qlora_peak}")
-            del model
+            del model, forward
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        # A fresh 4-bit model: the CPU-repacked weights of an eval forward have no backward in bitsandbytes 0.50.
+        qlora_step(load(folder, modes["4bit"], dtype, args.device), build_inputs(args, config))
+        qlora_peak = f"{torch.cuda.max_memory_allocated() / 1e6:.0f} MB" if cuda else "n/a on the CPU"
+        print(f"one QLoRA training step (batch {args.batch_size}), peak GPU memory: {qlora_peak}")
+
+
+def load(folder: str, quantization: BitsAndBytesConfig | None, dtype: torch.dtype, device: str) -> ReceiptVLClassifier:
+    return ReceiptVLClassifier.from_pretrained(
+        folder, quantization_config=quantization, dtype=dtype, device_map=device
+    ).eval()
 
 
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
-    config = latency(args)
+    latency(args)
     if not args.skip_memory:
-        memory(args, config)
+        memory(args)
 
 
 if __name__ == "__main__":
