@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from measure import peak_memory
 from transformers import HfArgumentParser, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from vlmheads import OrionQwenConfig, OrionQwenForTrajectory
@@ -122,23 +122,6 @@ def timed_forward(model: torch.nn.Module, inputs: dict, device: str) -> float:
     return time.perf_counter() - start
 
 
-def peak_forward_memory(model: torch.nn.Module, inputs: dict, device: str) -> int:
-    """Bytes: the high-water mark of tensors allocated during one forward, weights excluded."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        model(**inputs)
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(**inputs)
-    running = peak = 0
-    for event in sorted(prof.events(), key=lambda event: event.time_range.start):
-        running += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
-
-
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     plain, orion = build_models(args)
@@ -153,8 +136,8 @@ def main() -> None:
             for name, model, inputs in order if repeat % 2 == 0 else order[::-1]:
                 times[name].append(timed_forward(model, inputs, args.device))
         memory = {
-            "plain": peak_forward_memory(plain, plain_inputs, args.device),
-            "orion": peak_forward_memory(orion, orion_inputs, args.device),
+            "plain": peak_memory(lambda: plain(**plain_inputs), args.device),
+            "orion": peak_memory(lambda: orion(**orion_inputs), args.device),
         }
 
     length = orion_inputs["input_ids"].shape[1]

@@ -29,3 +29,18 @@ def test_the_forward_benchmark_reports_both_models_and_the_ratios():
     assert [row[0] for row in rows] == ["Qwen2VLForConditionalGeneration", "OrionQwenForTrajectory"]
     assert all(float(value) > 0 for row in rows for value in row[1:])
     assert re.search(r"time ratio \(Orion / plain, medians\): \d+\.\d{3}", run.stdout)
+
+
+def test_the_training_benchmark_reports_throughput_and_step_memory():
+    small = "--hidden_size 64 --num_layers 1 --num_scene_queries 4 --num_history_queries 2 --batch_size 2"
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_orion_training.py"), *small.split(), "--steps", "2", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rates = re.findall(r"^\| (Trainer \+ OrionDataCollator|bare loop[^|]*) \| ([\d.]+) \|", run.stdout, flags=re.M)
+    assert len(rates) == 2 and all(float(rate) > 0 for _, rate in rates)
+    assert re.search(r"data path and Trainer cost: -?\d+\.\d %", run.stdout)
+    memory = dict(re.findall(r"^\| (trajectory[^|]*) \| ([\d.]+) \|$", run.stdout, flags=re.M))
+    assert float(memory["trajectory + text loss (full-vocabulary logits)"]) > float(memory["trajectory loss"])
