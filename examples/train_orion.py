@@ -47,7 +47,6 @@ from vlmheads.offline import orion_backbone, tiny_orion_model, tiny_orion_proces
 from vlmheads.processing.collator_orion_qwen import OrionDataCollator
 from vlmheads.training.orion import TrajectoryMetrics, add_lora, freeze_backbone
 
-logger = logging.getLogger("train_orion")
 METRICS = ("L2@1s", "L2@2s", "L2@3s", "ADE", "FDE")
 
 
@@ -188,9 +187,6 @@ def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, OrionTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not (training_args.bf16 or training_args.fp16):
-        logger.info("Training in bf16: this GPU supports it.")
-        training_args.bf16 = True
     set_seed(training_args.seed)
 
     processor, model = build_model(model_args, training_args.seed)
@@ -235,7 +231,8 @@ def main() -> None:
             model.save_pretrained(training_args.output_dir)
     else:
         trainer.save_model(training_args.output_dir)
-    print(f"Process {training_args.process_index} of {training_args.world_size} finished training ({mode.value}).")
+    parallelism = mode.value if training_args.world_size > 1 else "one process"
+    print(f"Process {training_args.process_index} of {training_args.world_size} finished training ({parallelism}).")
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(training_args.output_dir)
@@ -253,7 +250,6 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{row[metric]:.3f}" for metric in METRICS) + " |")
 
     output_dir = Path(training_args.output_dir)
-    model = trainer.model if not model_args.lora else model
     samples = [eval_dataset[index] for index in range(data_args.num_plotted_samples)]
     batch = OrionDataCollator(processor, config.num_waypoints, config.waypoint_dim, with_answers=False)(samples)
     batch = {name: value.to(model.device) for name, value in batch.items()}
