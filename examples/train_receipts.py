@@ -24,7 +24,14 @@ import matplotlib
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
+from transformers import (
+    BitsAndBytesConfig,
+    EvalPrediction,
+    HfArgumentParser,
+    MllamaProcessor,
+    Trainer,
+    TrainingArguments,
+)
 
 from vlmheads import ReceiptVLClassifier, ReceiptVLProcessor
 from vlmheads.data.receipts import load_receipt_folder, majority_rate, random_split, synthetic_receipts
@@ -97,9 +104,9 @@ def build_model(args: ReceiptArguments, training_args: TrainingArguments, class_
         checkpoint = str(Path(training_args.output_dir) / "tiny-mllama")
         with training_args.main_process_first():
             if not (Path(checkpoint) / "config.json").exists():
-                processor = tiny_receipt_processor(tile_size=args.tile_size)
-                tiny_mllama_model(processor, seed=training_args.seed).save_pretrained(checkpoint)
-                processor.save_pretrained(checkpoint)
+                tiny = tiny_receipt_processor(tile_size=args.tile_size)
+                tiny_mllama_model(tiny, seed=training_args.seed).save_pretrained(checkpoint)
+                MllamaProcessor(tiny.image_processor, tiny.tokenizer).save_pretrained(checkpoint)
     processor = ReceiptVLProcessor.from_pretrained(
         checkpoint, id2label=dict(enumerate(class_names)), **({"question": args.question} if args.question else {})
     )

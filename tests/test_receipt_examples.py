@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,10 +24,13 @@ TINY_RUN = [
     "true",
 ]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+# The tiny model gains nothing from more threads, and one thread per process keeps a run from stalling in OpenMP
+# barriers when other jobs share the two cores.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -11,7 +11,8 @@ from huggingface_hub import ModelCard
 from receipt_helpers import make_model, make_processor, photo_file, question_prompt
 
 ALLOWED_IMPORTS = {"ast", "dataclasses", "importlib", "re", "string", "sys", "tempfile", "collections", "pathlib"}
-ALLOWED_IMPORTS |= {"copy", "math", "os", "typing", "numpy", "PIL", "tokenizers", "torch", "transformers", "huggingface_hub"}
+ALLOWED_IMPORTS |= {"copy", "math", "os", "typing", "numpy", "PIL", "tokenizers", "torch", "transformers"}
+ALLOWED_IMPORTS |= {"huggingface_hub"}
 CODE_FILES = {
     "configuration_receipt_vl.py",
     "modeling_receipt_vl.py",
@@ -135,3 +136,4 @@ def test_the_card_reports_metrics_the_confusion_matrix_and_the_memory_table(tmp_
     assert "cross-attention layers [1]" in text and "classification_prompt()" in text
     assert 'pipeline("image-classification"' not in text  # multimodal pooling needs a prompt
     assert "## Memory on Llama-3.2-11B-Vision" in text and "| QLoRA r=8, NF4 base |" in text
+    assert "| forward | ms (median of 20) | ratio to bare Mllama |" in text
