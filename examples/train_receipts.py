@@ -8,8 +8,9 @@ confusion matrix is saved as a PNG and put in the model card with the metrics.
 
     # offline: tiny random Mllama, synthetic receipts
     python examples/train_receipts.py --output_dir outputs/receipts
-    # the same on two CPU processes
-    accelerate launch --cpu --num_processes 2 examples/train_receipts.py --output_dir outputs/receipts
+    # the same on two processes (DDP; gloo on CPUs). `accelerate launch --cpu --num_processes 2` also runs the
+    # script, but accelerate 1.15 starts one process for --cpu (its multi-CPU mode needs MPI).
+    accelerate launch --multi_gpu --num_processes 2 examples/train_receipts.py --output_dir outputs/receipts
     # Llama-3.2-11B-Vision on your photos (one folder per class: data/0, data/1, "data/2 or more"), QLoRA
     python examples/train_receipts.py --model_name_or_path meta-llama/Llama-3.2-11B-Vision --data_dir data \
         --load_in_4bit --lora --bf16 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 \
@@ -68,6 +69,24 @@ class ReceiptArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 text decoder (needs --lora)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit text decoder (needs --lora)."})
     tile_size: int = field(default=32, metadata={"help": "Tile size of the tiny offline model, in pixels."})
+
+
+@dataclass
+class ReceiptTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults that train the tiny offline model in seconds; pass your own for real ones."""
+
+    num_train_epochs: float = field(default=8)
+    per_device_train_batch_size: int = field(default=16)
+    learning_rate: float = field(default=1e-3)
+    logging_steps: float = field(default=10)
+    save_strategy: str = field(default="no")
+    # The collator reads the `image` column, which the Trainer would otherwise drop as unknown to forward().
+    remove_unused_columns: bool = field(default=False)
+
+    def __post_init__(self):
+        # Without CUDA, DDP (torchrun, accelerate launch --multi_gpu) runs over gloo only with use_cpu.
+        self.use_cpu = self.use_cpu or not torch.cuda.is_available()
+        super().__post_init__()
 
 
 class ReceiptCollator:
@@ -169,11 +188,9 @@ def save_confusion_matrix(confusion: np.ndarray, class_names: list[str], path: P
 
 
 def main() -> None:
-    args, training_args = HfArgumentParser((ReceiptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    args, training_args = HfArgumentParser((ReceiptArguments, ReceiptTrainingArguments)).parse_args_into_dataclasses()
     if (args.load_in_4bit or args.load_in_8bit) and not args.lora:
         raise ValueError("A quantized decoder trains through LoRA adapters: add --lora to --load_in_4bit/8bit.")
-    # The collator reads the `image` column, which the Trainer would otherwise drop as unknown to forward().
-    training_args.remove_unused_columns = False
     class_names = ["0", "1", "2 or more"]
     train_set, eval_set = load_data(args, class_names)
     model, processor = build_model(args, training_args, class_names)

@@ -53,7 +53,6 @@ def test_fine_tuning_learns_the_receipt_count_and_the_inference_example_uses_the
             "1e-3",
             "--seed",
             "0",
-            "--use_cpu",
             *TINY_RUN,
         ]
     )
@@ -100,7 +99,7 @@ def test_fine_tuning_learns_the_receipt_count_and_the_inference_example_uses_the
 
 @pytest.mark.slow
 def test_qlora_with_gradient_accumulation_on_two_cpu_processes(tmp_path):
-    # `accelerate launch --multi_gpu` is torchrun underneath; with `--use_cpu` the processes talk over gloo.
+    # `accelerate launch --multi_gpu` is torchrun underneath; without CUDA the example sets use_cpu: DDP over gloo.
     output = tmp_path / "qlora"
     train = run(
         [
@@ -111,7 +110,6 @@ def test_qlora_with_gradient_accumulation_on_two_cpu_processes(tmp_path):
             EXAMPLES / "train_receipts.py",
             "--output_dir",
             output,
-            "--use_cpu",
             "--load_in_4bit",
             "--lora",
             "--pooling",
