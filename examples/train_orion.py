@@ -125,9 +125,12 @@ def build_model(args: ModelArguments, seed: int) -> tuple[ProcessorMixin, PreTra
     if model_type.startswith("orion_"):
         return loaded, classes.model.from_pretrained(args.base_model)
     processor = classes.processor(loaded.image_processor, loaded.tokenizer, loaded.video_processor, **queries)
-    model = classes.model.from_pretrained(args.base_model, **processor.model_config_kwargs(), **head)
+    model = classes.model.from_pretrained(args.base_model, **queries, **head)
+    # The placeholder tokens may lie beyond the checkpoint's vocabulary: grow it before they are set.
     if len(processor.tokenizer) > model.config.text_config.vocab_size:
         model.resize_token_embeddings(len(processor.tokenizer))
+    model.config.update(processor.model_config_kwargs())
+    model.config.check_driving_settings()
     return processor, model
 
 

@@ -68,7 +68,8 @@ class OrionDrivingEmbeddings(nn.Module):
             config.can_bus_dim, config.can_bus_hidden_dims, hidden_size, config.projector_hidden_act
         )
         self.ego_embedding = nn.Embedding(1, hidden_size)
-        self.token_ids = {name: getattr(config, f"{name}_token_id") for name in ("scene", "history", "can_bus", "ego")}
+        # The placeholder ids are read from the config at each call: they may be set after the embeddings grow.
+        self.config = config
 
     def forward(
         self,
@@ -86,7 +87,7 @@ class OrionDrivingEmbeddings(nn.Module):
             ("can_bus", can_bus_rows, self.can_bus_projector),
         ):
             kind = name.removesuffix("_queries")
-            token_id = self.token_ids[kind]
+            token_id = getattr(self.config, f"{kind}_token_id")
             if features is None:
                 if token_id is not None and (input_ids == token_id).any():
                     raise ValueError(f"input_ids hold {kind} placeholder tokens (id {token_id}) but {name} is None.")
@@ -97,8 +98,8 @@ class OrionDrivingEmbeddings(nn.Module):
             inputs_embeds = splice_features(
                 inputs_embeds, input_ids, token_id, projected, name, f"{kind} placeholder (id {token_id})"
             )
-        if self.token_ids["ego"] is not None:
-            ego_mask = (input_ids == self.token_ids["ego"]).unsqueeze(-1)
+        if self.config.ego_token_id is not None:
+            ego_mask = (input_ids == self.config.ego_token_id).unsqueeze(-1)
             inputs_embeds = torch.where(ego_mask, self.ego_embedding.weight[0].to(inputs_embeds.dtype), inputs_embeds)
         return inputs_embeds
 

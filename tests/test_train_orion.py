@@ -9,9 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel, EvalPrediction
+from transformers import (
+    AutoModel,
+    EvalPrediction,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
 
-from vlmheads.offline import tiny_orion_model, tiny_orion_processor
+from vlmheads.offline import (
+    qwen2_vl_tokenizer,
+    tiny_image_processor_kwargs,
+    tiny_orion_model,
+    tiny_orion_processor,
+    tiny_qwen2_vl_kwargs,
+)
 from vlmheads.training.orion import DRIVING_MODULES, TrajectoryMetrics, add_lora, freeze_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +172,47 @@ def test_trainer_metrics_read_the_trajectory_among_the_outputs():
     assert metrics["ADE"] == pytest.approx(np.sqrt(2))
     with pytest.raises(ValueError, match=r"one prediction shaped like the targets \(3, 6, 2\)"):
         TrajectoryMetrics()(EvalPrediction(predictions=np.zeros((3, 7)), label_ids=targets))
+
+
+@pytest.mark.slow
+def test_a_plain_qwen_folder_is_fine_tuned_and_then_fine_tuned_again(tmp_path):
+    tokenizer = qwen2_vl_tokenizer()
+    plain = Qwen2VLProcessor(
+        Qwen2VLImageProcessor(**tiny_image_processor_kwargs()), tokenizer, Qwen2VLVideoProcessor()
+    )
+    plain.save_pretrained(tmp_path / "qwen")
+    # The checkpoint's vocabulary ends with the Qwen tokens: the four placeholders need new embedding rows.
+    Qwen2VLForConditionalGeneration(Qwen2VLConfig(**tiny_qwen2_vl_kwargs(len(tokenizer)))).save_pretrained(
+        tmp_path / "qwen"
+    )
+
+    run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *SHORT_RUN,
+            "--base_model",
+            str(tmp_path / "qwen"),
+            "--output_dir",
+            str(tmp_path / "orion"),
+        ]
+    )
+    model = AutoModel.from_pretrained(tmp_path / "orion")
+    assert type(model).__name__ == "OrionQwenForTrajectory"
+    assert (
+        model.config.text_config.vocab_size == len(tokenizer) + 4 and model.config.ego_token_id == len(tokenizer) + 3
+    )
+
+    run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *SHORT_RUN,
+            "--base_model",
+            str(tmp_path / "orion"),
+            "--output_dir",
+            str(tmp_path / "again"),
+        ]
+    )
+    again = AutoModel.from_pretrained(tmp_path / "again")
+    assert again.config.to_dict()["num_scene_queries"] == model.config.num_scene_queries
