@@ -29,6 +29,7 @@ from transformers import (
     BitsAndBytesConfig,
     EvalPrediction,
     HfArgumentParser,
+    IntervalStrategy,
     MllamaProcessor,
     Trainer,
     TrainingArguments,
@@ -191,6 +192,12 @@ def main() -> None:
     args, training_args = HfArgumentParser((ReceiptArguments, ReceiptTrainingArguments)).parse_args_into_dataclasses()
     if (args.load_in_4bit or args.load_in_8bit) and not args.lora:
         raise ValueError("A quantized decoder trains through LoRA adapters: add --lora to --load_in_4bit/8bit.")
+    if args.load_in_4bit and training_args.use_cpu and training_args.eval_strategy != IntervalStrategy.NO:
+        raise ValueError(
+            "On the CPU, bitsandbytes 0.50 repacks 4-bit weights at the first evaluation forward and training "
+            "through them breaks afterwards: keep --eval_strategy no (the script evaluates after training) or use "
+            "a GPU."
+        )
     class_names = ["0", "1", "2 or more"]
     train_set, eval_set = load_data(args, class_names)
     model, processor = build_model(args, training_args, class_names)
