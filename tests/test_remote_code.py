@@ -1,4 +1,3 @@
-import ast
 import json
 import subprocess
 import sys
@@ -9,9 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from orion_helpers import camera_image, driving_features, driving_prompt, make_processor, real_vocab_model
-
-# What a Hub user of the folder has: the standard library and transformers with its own dependencies.
-ALLOWED_IMPORTS = set(sys.stdlib_module_names) | {"numpy", "tokenizers", "torch", "transformers", "huggingface_hub"}
+from remote_code_checks import assert_flat_self_contained_code
 
 
 def saved_model(family, folder: Path, **overrides):
@@ -24,21 +21,8 @@ def saved_model(family, folder: Path, **overrides):
 
 def test_the_saved_folder_carries_flat_self_contained_code(family, tmp_path):
     saved_model(family, tmp_path)
-    code = {path.name for path in tmp_path.glob("*.py")}
-    assert code == {
-        "configuration_orion_qwen.py",
-        "modeling_orion_qwen.py",
-        "processing_orion_qwen.py",
-        "heads.py",
-        "publishing.py",
-    }
-    for path in tmp_path.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                assert node.level == 1 and f"{node.module}.py" in code, (path.name, node.module)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
-                assert {name.split(".")[0] for name in names} <= ALLOWED_IMPORTS, (path.name, names)
+    code = {"configuration_orion_qwen.py", "modeling_orion_qwen.py", "processing_orion_qwen.py", "heads.py"}
+    assert_flat_self_contained_code(tmp_path, code | {"publishing.py"})
 
     config = json.loads((tmp_path / "config.json").read_text())
     model_class = family.model.__name__
