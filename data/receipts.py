@@ -14,7 +14,9 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-RECEIPT_CLASSES = ("0", "1", "2 or more")
+from ..configuration.configuration_receipt_vl import RECEIPT_COUNT_LABELS
+
+RECEIPT_CLASSES = tuple(RECEIPT_COUNT_LABELS.values())
 MAX_RECEIPTS = 3
 
 

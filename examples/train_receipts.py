@@ -36,7 +36,13 @@ from transformers import (
 )
 
 from vlmheads import ReceiptVLClassifier, ReceiptVLProcessor
-from vlmheads.data.receipts import load_receipt_folder, majority_rate, random_split, synthetic_receipts
+from vlmheads.data.receipts import (
+    RECEIPT_CLASSES,
+    load_receipt_folder,
+    majority_rate,
+    random_split,
+    synthetic_receipts,
+)
 from vlmheads.metrics import load_metric
 from vlmheads.offline import tiny_mllama_model, tiny_receipt_processor
 
@@ -198,7 +204,7 @@ def main() -> None:
             "through them breaks afterwards: keep --eval_strategy no (the script evaluates after training) or use "
             "a GPU."
         )
-    class_names = ["0", "1", "2 or more"]
+    class_names = list(RECEIPT_CLASSES)
     train_set, eval_set = load_data(args, class_names)
     model, processor = build_model(args, training_args, class_names)
     accuracy, macro_f1 = load_metric("accuracy"), load_metric("macro_f1")
