@@ -1,7 +1,7 @@
 """Batches driving records (schema in `vlmheads.data.driving`) for the Orion models."""
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,7 @@ class OrionDataCollator:
     num_waypoints: int = 6
     waypoint_dim: int = 2
     with_answers: bool = True
+    _prefixes: dict[tuple[str, int], str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         for position, record in enumerate(records):
@@ -96,20 +97,30 @@ class OrionDataCollator:
             if len(record[name]) != rows:
                 raise ValueError(f"{name} has {len(record[name])} rows but the processor expects {rows}")
 
-    def _texts(self, record: Mapping[str, Any]) -> tuple[str, str]:
-        """The chat-formatted prompt (up to the assistant turn) and the full text with the answer, if any."""
-        prompt = record["prompt"]
-        content = [{"type": "image"} for _ in record.get("images") or []]
+    def _messages(self, prompt: str, num_images: int) -> list[dict[str, Any]]:
+        content = [{"type": "image"} for _ in range(num_images)]
         for kind in ("scene", "history", "can_bus"):
             if getattr(self.processor, f"{kind}_token") not in prompt:
                 content.append({"type": kind})
-        content.append({"type": "text", "text": prompt})
-        messages = [{"role": "user", "content": content}]
-        prefix = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+
+    def _prefix(self, prompt: str, num_images: int) -> str:
+        """The chat-formatted user turn of a prompt, up to the assistant turn; rendered once per prompt."""
+        key = (prompt, num_images)
+        if key not in self._prefixes:
+            messages = self._messages(prompt, num_images)
+            self._prefixes[key] = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self._prefixes[key]
+
+    def _texts(self, record: Mapping[str, Any]) -> tuple[str, str]:
+        """The chat-formatted prompt (up to the assistant turn) and the full text with the answer, if any."""
+        num_images = len(record.get("images") or [])
+        prefix = self._prefix(record["prompt"], num_images)
         answer = record.get("answer") if self.with_answers else None
         if not answer:
             return prefix, prefix
-        full = self.processor.apply_chat_template([*messages, {"role": "assistant", "content": answer}])
+        messages = [*self._messages(record["prompt"], num_images), {"role": "assistant", "content": answer}]
+        full = self.processor.apply_chat_template(messages)
         if not full.startswith(prefix):
             raise ValueError("The chat template renders the assistant turn after a different prompt prefix.")
         return prefix, full
