@@ -93,7 +93,7 @@ def step_memory(model, batch: dict, checkpointing: bool) -> int:
     else:
         model.gradient_checkpointing_disable()
     model.train()
-    memory = peak_memory(lambda: model(**batch).loss.backward(), "cpu")
+    memory = peak_memory(lambda: model(**batch).loss.backward(), model.device.type)
     model.zero_grad(set_to_none=True)
     return memory
 
@@ -109,7 +109,7 @@ def main() -> None:
         **classes.tiny_kwargs(len(processor.tokenizer), args.hidden_size, args.num_layers),
         **processor.model_config_kwargs(),
     )
-    model = classes.model(config)
+    model = classes.model(config).to("cuda" if torch.cuda.is_available() else "cpu")
     model.model.visual.requires_grad_(False)
 
     num_samples = (args.warmup_steps + args.steps) * args.batch_size
@@ -118,7 +118,10 @@ def main() -> None:
     dataset = dataset.with_format("numpy", columns=list(ARRAY_FIELDS), output_all_columns=True)
     collator = OrionDataCollator(processor, with_answers=False)
     records = [dataset[index] for index in range(num_samples)]
-    batches = [collator(records[start : start + args.batch_size]) for start in range(0, num_samples, args.batch_size)]
+    batches = [
+        {name: value.to(model.device) for name, value in collator(records[start : start + args.batch_size]).items()}
+        for start in range(0, num_samples, args.batch_size)
+    ]
 
     rates = {"trainer": [], "bare": []}
     with tempfile.TemporaryDirectory() as output_dir:
@@ -134,6 +137,7 @@ def main() -> None:
     # Frozen token embeddings, as in most fine-tuning: their dense gradient would otherwise dominate every peak.
     model.get_input_embeddings().requires_grad_(False)
     with_answers = OrionDataCollator(processor, with_answers=True)(records[: args.batch_size])
+    with_answers = {name: value.to(model.device) for name, value in with_answers.items()}
     memory = {
         "trajectory loss": step_memory(model, batches[0], checkpointing=False),
         "trajectory loss, activation checkpointing": step_memory(model, batches[0], checkpointing=True),
@@ -144,7 +148,7 @@ def main() -> None:
     print(
         f"{args.backbone}, hidden {args.hidden_size}, {args.num_layers} layers, vocabulary "
         f"{config.text_config.vocab_size}, batch {args.batch_size} x {length} tokens ({args.num_scene_queries} scene "
-        f"+ {args.num_history_queries} history queries), CPU float32, median of {args.rounds} rounds "
+        f"+ {args.num_history_queries} history queries), {model.device.type} float32, median of {args.rounds} rounds "
         f"x {args.steps} steps"
     )
     print("| training loop | samples/s (median) | rounds |")
