@@ -2,24 +2,14 @@
 
     python isolated_load.py FOLDER INPUTS.pt OUTPUTS.pt
 
-`vlmheads` is made unimportable first, so only the folder's own code can serve the Auto classes.
+Run through `without_vlmheads.py`, so that only the folder's own code can serve the Auto classes.
 """
 
-import importlib.abc
 import sys
 
-
-class _BlockVlmheads(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "vlmheads":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-
-
-sys.meta_path.insert(0, _BlockVlmheads())
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import AutoConfig, AutoModel, AutoProcessor  # noqa: E402
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 folder, inputs_file, outputs_file = sys.argv[1:]
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)

@@ -2,23 +2,13 @@
 
     python isolated_load_receipt.py FOLDER INPUTS.pt OUTPUTS.pt
 
-`vlmheads` is made unimportable first, so only the folder's own code can serve the Auto classes and the pipeline.
+Run through `without_vlmheads.py`, so that only the folder's own code can serve the Auto classes and the pipeline.
 """
 
-import importlib.abc
 import sys
 
-
-class _BlockVlmheads(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "vlmheads":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-
-
-sys.meta_path.insert(0, _BlockVlmheads())
-
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -8,7 +6,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from receipt_helpers import make_model, make_processor, photo_file, question_prompt
-from remote_code_checks import assert_flat_self_contained_code
+from remote_code_checks import assert_flat_self_contained_code, run_without_vlmheads
 
 CODE_FILES = {
     "configuration_receipt_vl.py",
@@ -50,22 +48,8 @@ def test_a_fresh_interpreter_without_vlmheads_loads_the_folder_and_matches(pooli
     model, processor = saved_model(tmp_path / "model", pooling=pooling)
     paths = [photo_file(tmp_path, 1, 48, 40), photo_file(tmp_path, 2, 90, 30)]
     question = question_prompt(processor, "What is the total?")
-    torch.save({"image_paths": paths, "question": question}, tmp_path / "inputs.pt")
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("isolated_load_receipt.py")),
-            str(tmp_path / "model"),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "out.pt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt")
-
-    assert all(name.startswith("transformers_modules.") for name in remote["classes"]), remote["classes"]
+    request = {"image_paths": paths, "question": question}
+    remote = run_without_vlmheads("isolated_load_receipt.py", tmp_path / "model", request, tmp_path)
     assert [name.rsplit(".", 1)[1] for name in remote["classes"]] == [
         "ReceiptVLConfig",
         "ReceiptVLClassifier",

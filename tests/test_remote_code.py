@@ -8,7 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from orion_helpers import camera_image, driving_features, driving_prompt, make_processor, real_vocab_model
-from remote_code_checks import assert_flat_self_contained_code
+from remote_code_checks import assert_flat_self_contained_code, run_without_vlmheads
 
 
 def saved_model(family, folder: Path, **overrides):
@@ -44,17 +44,7 @@ def test_a_fresh_interpreter_without_vlmheads_loads_the_folder_and_matches(famil
         "image_paths": [str(tmp_path / "camera.png")],
         "features": driving_features(1, seed=4),
     }
-    torch.save(request, tmp_path / "inputs.pt")
-    script = Path(__file__).with_name("isolated_load.py")
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt")
-
-    assert all(name.startswith("transformers_modules.") for name in remote["classes"]), remote["classes"]
+    remote = run_without_vlmheads("isolated_load.py", tmp_path / "model", request, tmp_path)
     assert [name.rsplit(".", 1)[1] for name in remote["classes"]] == [
         family.config.__name__,
         family.model.__name__,
@@ -105,3 +95,11 @@ def test_the_card_reports_metrics_and_embeds_plots(family, tmp_path):
     assert "| trained | 0.500 | 0.750 |" in text and "| baseline | 1.250 | 2.000 |" in text
     assert "![trajectories.png](trajectories.png)" in text
     assert "`command` | (B,), in [0, 6)" in text
+
+
+def test_the_isolation_launcher_makes_vlmheads_unimportable(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import transformers\nimport vlmheads\n")
+    launcher = Path(__file__).with_name("without_vlmheads.py")
+    run = subprocess.run([sys.executable, str(launcher), str(probe)], capture_output=True, text=True)
+    assert run.returncode != 0 and "No module named 'vlmheads'" in run.stderr
