@@ -115,6 +115,19 @@ def test_an_fsdp_config_on_cpu_processes_is_a_clear_error(tmp_path):
     assert "FSDP was requested but accelerate runs this job as MULTI_CPU" in result.stderr
 
 
+@pytest.mark.slow
+def test_fsdp2_shards_the_model_over_two_cpu_processes(tmp_path):
+    """torch's FSDP2 runs on gloo (accelerate does not enable it there): the sharded step matches the unsharded."""
+    script = ROOT / "tests" / "fsdp2_step.py"
+    run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "out.pt")]
+    )
+    result = torch.load(tmp_path / "out.pt")
+    assert result["world_size"] == 2 and result["sharded_parameters"] == result["parameters"] > 0
+    assert result["losses"][1] == pytest.approx(result["losses"][0], rel=1e-6)
+    assert result["max_weight_change"] > 1e-4 and result["max_weight_difference"] < 1e-6
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through accelerate needs two CUDA GPUs")
 def test_fsdp_shards_the_model_over_two_gpus(tmp_path):
     config = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
