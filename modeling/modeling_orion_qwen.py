@@ -116,8 +116,6 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
 
     def __init__(self, config: OrionQwenConfig | OrionQwen2_5Config):
         config.check_driving_settings()
-        if config.base_model is None and config.name_or_path:
-            config.base_model = config.name_or_path
         super().__init__(config)
         self.driving_embeddings = OrionDrivingEmbeddings(config)
         self.trajectory_decoder = TrajectoryDecoder(

@@ -64,8 +64,6 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
 
     def __init__(self, config: ReceiptVLConfig):
         config.check_classifier_settings()
-        if config.base_model is None and config.name_or_path:
-            config.base_model = config.name_or_path
         super().__init__(config)
         self.classifier = ClassificationHead(
             config.text_config.hidden_size,

@@ -106,6 +106,12 @@ class ModelCardMixin:
     pipeline_tag: ClassVar[str | None] = None
     model_card_tags: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, config, *args, **kwargs):
+        # The checkpoint a model is first built from is its base model; later saves keep the recorded one.
+        if getattr(config, "base_model", "") is None and config.name_or_path:
+            config.base_model = config.name_or_path
+        super().__init__(config, *args, **kwargs)
+
     def base_model_id(self) -> str | None:
         """Hub id of the checkpoint the backbone weights came from, if they came from the Hub."""
         for candidate in (getattr(self.config, "base_model", None), self.config.name_or_path):
