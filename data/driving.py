@@ -21,8 +21,10 @@ Users' data in this schema loads with `load_driving_dataset(path)` (parquet, jso
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.formatting import NumpyFormatter
 
-from ..processing.collator_orion_qwen import FEATURE_RANKS, check_driving_record
+from ..processing.collator_orion_qwen import FEATURE_RANKS, REQUIRED_FIELDS, check_driving_record
 
 # The numeric fields of a record, best read as numpy arrays: `dataset.with_format("numpy", columns=ARRAY_FIELDS)`.
 ARRAY_FIELDS = tuple(FEATURE_RANKS)
@@ -33,24 +35,74 @@ WAYPOINT_HZ = 2
 PROMPT = "Plan a safe trajectory for the ego car.<ego_wp>"
 
 
-def check_driving_dataset(dataset: datasets.Dataset, **record_settings) -> None:
-    """Checks every record, raising a `ValueError` that names the first bad record's index and id."""
-    for index, record in enumerate(dataset):
+def _batch_passes(batch: dict, size: int, num_waypoints: int = 6, waypoint_dim: int = 2, ego_token: str = "<ego_wp>"):
+    """A vectorised check of a numpy-formatted batch: True only if every record in it is good (False may be wrong)."""
+    for name, rank in FEATURE_RANKS.items():
+        values = batch.get(name)
+        if not isinstance(values, np.ndarray) or values.dtype.kind not in "fiu" or values.ndim != rank + 1:
+            return False
+        # NaN and inf make the sum non-finite; a sum that overflows only sends the batch to the exact check.
+        if len(values) != size or 0 in values.shape[1:] or not np.isfinite(values.sum()):
+            return False
+    if batch["ego_waypoints"].shape[1:] != (num_waypoints, waypoint_dim):
+        return False
+    ids, prompts = batch.get("id"), batch.get("prompt")
+    if ids is None or prompts is None or any(record_id is None for record_id in ids):
+        return False
+    return all(prompt is not None and prompt.count(ego_token) == 1 for prompt in prompts)
+
+
+def _check_batch(table: pa.Table, indices: list[int], features: datasets.Features, record_settings: dict) -> None:
+    arrays = [name for name in ARRAY_FIELDS if name in table.column_names]
+    if any(table.column(name).null_count for name in arrays):
+        records = table.to_pylist()
+    else:
+        batch = NumpyFormatter(features=features).format_batch(table)
+        if _batch_passes(batch, len(indices), **record_settings):
+            return
+        records = [{name: column[position] for name, column in batch.items()} for position in range(len(indices))]
+    for index, record in zip(indices, records, strict=True):
         try:
             check_driving_record(record, **record_settings)
         except ValueError as error:
-            raise ValueError(f"Record {index} (id={record.get('id')!r}): {error}.") from None
+            record_id = None if record.get("id") is None else str(record["id"])
+            raise ValueError(f"Record {index} (id={record_id!r}): {error}.") from None
 
 
-def load_driving_dataset(data_files: str | list[str], **record_settings) -> datasets.Dataset:
-    """Loads driving records from parquet, json or jsonl files and checks every one of them."""
+def check_driving_dataset(
+    dataset: datasets.Dataset, num_proc: int | None = None, batch_size: int = 64, **record_settings
+) -> None:
+    """Checks every record with `Dataset.map(batched=True, num_proc=num_proc)` and a progress bar; raises a
+    `ValueError` naming the first bad record's index, id and what is wrong with it.
+
+    `record_settings` go to `check_driving_record` (`num_waypoints`, `waypoint_dim`, `ego_token`). Each batch is
+    checked at once on numpy arrays (B, Ns, Ds); only a batch that fails, or holds missing values, is checked record
+    by record.
+    """
+    present = [name for name in REQUIRED_FIELDS if name in dataset.column_names]
+    records = dataset.select_columns(present)
+    records.with_format("arrow").map(
+        _check_batch,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        num_proc=num_proc,
+        fn_kwargs={"features": records.features, "record_settings": record_settings},
+        desc="Checking driving records",
+    )
+
+
+def load_driving_dataset(
+    data_files: str | list[str], num_proc: int | None = None, **record_settings
+) -> datasets.Dataset:
+    """Loads driving records from parquet, json or jsonl files and checks every one of them (`num_proc` processes)."""
     files = [data_files] if isinstance(data_files, str) else list(data_files)
     suffixes = {file.rsplit(".", 1)[-1] for file in files}
     formats = {"parquet": "parquet", "json": "json", "jsonl": "json"}
     if len(suffixes) != 1 or next(iter(suffixes)) not in formats:
         raise ValueError(f"data_files must all be .parquet, .json or .jsonl files, got {files}.")
-    dataset = datasets.load_dataset(formats[suffixes.pop()], data_files=files, split="train")
-    check_driving_dataset(dataset, **record_settings)
+    dataset = datasets.load_dataset(formats[suffixes.pop()], data_files=files, split="train", num_proc=num_proc)
+    check_driving_dataset(dataset, num_proc=num_proc, **record_settings)
     return dataset
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.utils.tqdm import tqdm
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..configuration.configuration_receipt_vl import RECEIPT_COUNT_LABELS
+from ..processing.image_inputs import open_image
 
 RECEIPT_CLASSES = tuple(RECEIPT_COUNT_LABELS.values())
 MAX_RECEIPTS = 3
@@ -122,29 +124,65 @@ def synthetic_receipts(
         render_receipt_photo(
             count, rng, int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1))
         )
-        for count in counts
+        for count in tqdm(counts, desc="Rendering receipt photos")
     ]
     return datasets.Dataset.from_dict(
         {"image": images, "label": labels.tolist(), "receipt_count": counts}, features=receipt_features()
     )
 
 
-def save_as_imagefolder(dataset: datasets.Dataset, folder: str | Path) -> Path:
-    """Writes the photos of a receipt set as `folder/<class name>/<index>.png`, the layout of users' own data."""
+def _write_photos(batch: dict, indices: list[int], folder: Path, names: list[str]) -> None:
+    for image, label, index in zip(batch["image"], batch["label"], indices, strict=True):
+        target = folder / names[label] / f"{index:05d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target)
+
+
+def save_as_imagefolder(dataset: datasets.Dataset, folder: str | Path, num_proc: int | None = None) -> Path:
+    """Writes the photos of a receipt set as `folder/<class name>/<index>.png`, the layout of users' own data
+    (`Dataset.map` over `num_proc` processes, with a progress bar)."""
     folder = Path(folder)
     names = dataset.features["label"].names
-    for index, example in enumerate(dataset):
-        target = folder / names[example["label"]] / f"{index:05d}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        example["image"].save(target)
+    dataset.select_columns(["image", "label"]).map(
+        _write_photos,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc,
+        fn_kwargs={"folder": folder, "names": names},
+        desc="Writing receipt photos",
+    )
     return folder
 
 
+def _check_photos(batch: dict, indices: list[int], num_labels: int) -> None:
+    for image, label, index in zip(batch["image"], batch["label"], indices, strict=True):
+        if label is None or not 0 <= label < num_labels:
+            raise ValueError(
+                f"Record {index} ({image['path'] or 'photo in memory'}): label {label!r} is not a class id 0 ... "
+                f"{num_labels - 1}."
+            )
+        open_image(image["path"] if image["bytes"] is None else image["bytes"], f"Record {index} image")
+
+
+def check_receipt_dataset(dataset: datasets.Dataset, num_proc: int | None = None) -> None:
+    """Opens every photo and checks every label with `Dataset.map(batched=True, num_proc=num_proc)` and a progress
+    bar; raises a `ValueError` naming the first bad record's index and file (corrupt, truncated or empty photo)."""
+    photos = dataset.select_columns(["image", "label"]).cast_column("image", datasets.Image(decode=False))
+    photos.map(
+        _check_photos,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc,
+        fn_kwargs={"num_labels": dataset.features["label"].num_classes},
+        desc="Checking receipt photos",
+    )
+
+
 def load_receipt_folder(
-    data_dir: str | Path, class_names: tuple[str, ...] | list[str] = RECEIPT_CLASSES
+    data_dir: str | Path, class_names: tuple[str, ...] | list[str] = RECEIPT_CLASSES, num_proc: int | None = None
 ) -> datasets.Dataset:
     """Users' own photos, sorted into one folder per class (`data_dir/0/…`, `data_dir/1/…`, `data_dir/2 or more/…`),
-    loaded with `datasets.load_dataset("imagefolder", …)`.
+    loaded with `datasets.load_dataset("imagefolder", …)` and checked with `check_receipt_dataset`.
 
     The folder names must be exactly `class_names`, the model's labels; the `label` column then holds their ids.
     """
@@ -155,12 +193,13 @@ def load_receipt_folder(
             f"{data_dir} must hold one folder per class {sorted(class_names)}, found {found}: the folder names are "
             "the labels."
         )
-    dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")
-    folder_names = dataset.features["label"].names
-    # imagefolder numbers the classes in sorted order; map them to the ids of `class_names`.
-    to_model_id = {index: list(class_names).index(name) for index, name in enumerate(folder_names)}
-    dataset = dataset.map(lambda example: {"label": to_model_id[example["label"]]})
-    return dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train", num_proc=num_proc)
+    # imagefolder numbers the classes in sorted order; give them the ids of `class_names`.
+    dataset = dataset.align_labels_with_mapping({name: index for index, name in enumerate(class_names)}, "label")
+    if dataset.features["label"].names != list(class_names):  # the alignment lowercases the names
+        dataset = dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    check_receipt_dataset(dataset, num_proc=num_proc)
+    return dataset
 
 
 def majority_rate(labels: list[int] | np.ndarray) -> float:
@@ -180,6 +219,7 @@ def random_split(dataset: datasets.Dataset, eval_fraction: float, seed: int) -> 
 __all__ = [
     "MAX_RECEIPTS",
     "RECEIPT_CLASSES",
+    "check_receipt_dataset",
     "load_receipt_folder",
     "majority_rate",
     "random_split",

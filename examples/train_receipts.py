@@ -11,13 +11,14 @@ confusion matrix is saved as a PNG and put in the model card with the metrics.
     # the same on two processes (DDP; gloo on CPUs). `accelerate launch --cpu --num_processes 2` also runs the
     # script, but accelerate 1.15 starts one process for --cpu (its multi-CPU mode needs MPI).
     accelerate launch --multi_gpu --num_processes 2 examples/train_receipts.py --output_dir outputs/receipts
+    # with TensorBoard (events in outputs/receipts/runs/) or Trackio: pip install "vlmheads[tracking]"
+    python examples/train_receipts.py --output_dir outputs/receipts --report_to tensorboard
     # Llama-3.2-11B-Vision on your photos (one folder per class: data/0, data/1, "data/2 or more"), QLoRA
     python examples/train_receipts.py --model_name_or_path meta-llama/Llama-3.2-11B-Vision --data_dir data \
         --load_in_4bit --lora --bf16 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 \
         --learning_rate 1e-4 --num_train_epochs 3 --output_dir outputs/receipts-11b
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,6 @@ from transformers import (
     HfArgumentParser,
     IntervalStrategy,
     MllamaProcessor,
-    Trainer,
     TrainingArguments,
 )
 
@@ -45,6 +45,8 @@ from vlmheads.data.receipts import (
 )
 from vlmheads.metrics import load_metric
 from vlmheads.offline import tiny_mllama_model, tiny_receipt_processor
+from vlmheads.training.cards import ModelCardTrainer
+from vlmheads.training.tracking import log_report, place_tensorboard_logs
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
@@ -218,7 +220,8 @@ def main() -> None:
             )["macro_f1"],
         }
 
-    trainer = Trainer(
+    place_tensorboard_logs(training_args)
+    trainer = ModelCardTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
@@ -233,7 +236,7 @@ def main() -> None:
             f"{type(model).__name__}: {trainable:,} trainable parameters; {len(train_set)} training and "
             f"{len(eval_set)} held-out photos; {training_args.world_size} process(es)"
         )
-    trainer.train()
+    train_result = trainer.train()
     prediction = trainer.predict(eval_set)
     if not trainer.is_world_process_zero():
         return
@@ -271,8 +274,13 @@ def main() -> None:
         classifier = model
         classifier.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    classifier.write_model_card(output_dir, metrics=metrics, images=["confusion_matrix.png"])
-    (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    datasets = [args.data_dir or "synthetic receipts"]
+    classifier.write_model_card(
+        output_dir, metrics=metrics, model_row="fine-tuned", datasets=datasets, images=["confusion_matrix.png"]
+    )
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_metrics("eval", metrics)
+    log_report(trainer, metrics, [output_dir / "confusion_matrix.png"])
 
     print("Held-out confusion matrix (rows: true, columns: predicted):")
     print("               " + "".join(f"{name:>11}" for name in class_names))
@@ -292,6 +300,9 @@ def main() -> None:
             f"{args.classifier_batch_norm}, **processor.model_config_kwargs()), "
             f"{str(output_dir)!r})"
         )
+    if training_args.push_to_hub:
+        trainer.model = model if quantized else classifier  # what the folder holds
+        trainer.push_to_hub()  # the vlmheads card above, not the Trainer's generic one
 
 
 if __name__ == "__main__":

@@ -6,18 +6,16 @@ the aspect ratio mask and the cross-attention mask; this subclass accepts image 
 formats the classification prompt and turns label names into ids and logits back into names.
 """
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import MllamaProcessor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import is_valid_image, load_image
 
 from ..configuration.configuration_receipt_vl import RECEIPT_COUNT_LABELS
 from ..publishing import SelfContainedCodeMixin
+from .image_inputs import open_image
 
 DEFAULT_QUESTION = "How many receipts are in this photo?"
 
@@ -35,34 +33,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-
-
-def _checked_image(image, name: str):
-    """Opens an image file, or checks an in-memory image; raises a `ValueError` naming the input if it is unusable."""
-    if isinstance(image, (str, os.PathLike)):
-        source = os.fspath(image)
-        try:
-            if source.startswith(("http://", "https://")):
-                image = load_image(source)
-            else:
-                with Image.open(source) as opened:
-                    opened.load()
-                    image = opened.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{name} = {source!r} is not a readable image file: {error}") from error
-    if not is_valid_image(image):
-        raise ValueError(f"{name} must be a PIL image, an array, a tensor or an image file path, got {type(image)}.")
-    if isinstance(image, Image.Image):
-        height, width = image.height, image.width
-    else:
-        shape = tuple(np.shape(image))
-        if len(shape) not in (2, 3):
-            raise ValueError(f"{name} must be one image of shape (H, W), (H, W, C) or (C, H, W), got {shape}.")
-        channels_first = len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
-        height, width = shape[1:3] if channels_first else shape[:2]
-    if height == 0 or width == 0:
-        raise ValueError(f"{name} has zero size ({width} x {height} pixels).")
-    return image
 
 
 class ReceiptVLProcessor(SelfContainedCodeMixin, MllamaProcessor):
@@ -128,9 +98,10 @@ class ReceiptVLProcessor(SelfContainedCodeMixin, MllamaProcessor):
     def __call__(self, images=None, text: str | list[str] | None = None, labels=None, **kwargs) -> BatchFeature:
         """Prepares a batch.
 
-        `images`: one image per sample (a PIL image, an array or an image file path), or one list of images per
-        sample. `text`: None (the image alone, for `pooling="vision"`) or one prompt per sample holding one
-        `<|image|>` per image of that sample. `labels`: one class name or id per sample; returned as `labels` (B,).
+        `images`: one image per sample (a PIL image, an array, a tensor, an image file path or a URL; read upright
+        and as RGB by `open_image`), or one list of images per sample. `text`: None (the image alone, for
+        `pooling="vision"`) or one prompt per sample holding one `<|image|>` per image of that sample. `labels`:
+        one class name or id per sample; returned as `labels` (B,).
         """
         if images is None:
             raise ValueError("images are required: the receipt classifier reads a photo in every sample.")
@@ -140,7 +111,7 @@ class ReceiptVLProcessor(SelfContainedCodeMixin, MllamaProcessor):
             raise ValueError("Every sample needs at least one image.")
         samples = [
             [
-                _checked_image(image, f"images[{i}][{j}]" if len(sample) > 1 else f"images[{i}]")
+                open_image(image, f"images[{i}][{j}]" if len(sample) > 1 else f"images[{i}]")
                 for j, image in enumerate(sample)
             ]
             for i, sample in enumerate(samples)

@@ -1,0 +1,66 @@
+"""Experiment tracking for the training scripts: what `--report_to tensorboard` / `--report_to trackio` receive
+beyond the Trainer's own logs (the comparison table and the report plots).
+
+Install the trackers with `pip install "vlmheads[tracking]"`.
+"""
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import Trainer, TrainingArguments
+from transformers.integrations import TensorBoardCallback, TrackioCallback
+
+
+def place_tensorboard_logs(args: TrainingArguments) -> None:
+    """Sends TensorBoard events to `<output_dir>/runs/` unless `TENSORBOARD_LOGGING_DIR` says otherwise, also for
+    an evaluation before training (the Trainer's callback would otherwise write it to `./runs/`). Call before
+    building the Trainer."""
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(args.output_dir) / "runs"))
+
+
+def _tag(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_").lower()
+
+
+def log_report(trainer: Trainer, table: dict[str, dict[str, float]], images: Sequence[str | Path] = ()) -> None:
+    """Logs a comparison `table` (row name → metric → value) and report `images` (PNG files) to the trackers of
+    `--report_to`.
+
+    Every tracker gets the table as scalars `eval/report/<row>/<metric>` through `trainer.log`; TensorBoard also
+    gets it as a Markdown text and the images as images, Trackio gets the images as `trackio.Image`s.
+    """
+    trainer.log(
+        {
+            f"eval_report/{_tag(row)}/{metric}": float(value)
+            for row, metrics in table.items()
+            for metric, value in metrics.items()
+        }
+    )
+    metrics = list(next(iter(table.values())))
+    markdown = "\n".join(
+        [
+            "| | " + " | ".join(metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+            *(
+                f"| {row} | " + " | ".join(f"{values[metric]:.4f}" for metric in metrics) + " |"
+                for row, values in table.items()
+            ),
+        ]
+    )
+    step = trainer.state.global_step
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            callback.tb_writer.add_text("report/table", markdown, step)
+            for path in images:
+                pixels = np.asarray(Image.open(path).convert("RGB"))
+                callback.tb_writer.add_image(f"report/{Path(path).stem}", pixels, step, dataformats="HWC")
+            callback.tb_writer.flush()
+        elif isinstance(callback, TrackioCallback) and images:
+            import trackio
+
+            trackio.log({f"report/{Path(path).stem}": trackio.Image(str(path)) for path in images})
+            trackio.finish()
