@@ -2,11 +2,10 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import MllamaConfig
-from transformers.activations import ACT2FN
 
+from ..modeling.heads import check_classifier_settings, default_dropout_rates
 from ..publishing import SelfContainedCodeMixin
 
-POOLINGS = ("vision", "multimodal")
 RECEIPT_COUNT_LABELS = {0: "0", 1: "1", 2: "2 or more"}
 
 
@@ -63,9 +62,7 @@ class ReceiptVLConfig(SelfContainedCodeMixin, MllamaConfig):
         if self.classifier_hidden_dims is None:
             self.classifier_hidden_dims = [768, 256]
         if self.classifier_dropout_rates is None:
-            self.classifier_dropout_rates = [0.2, *[0.1] * (len(self.classifier_hidden_dims) - 1)][
-                : len(self.classifier_hidden_dims)
-            ]
+            self.classifier_dropout_rates = default_dropout_rates(self.classifier_hidden_dims)
         super().__post_init__(**kwargs)
         if self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
@@ -77,29 +74,4 @@ class ReceiptVLConfig(SelfContainedCodeMixin, MllamaConfig):
         Runs at construction, and again when a model is built, because `from_pretrained(..., **kwargs)` sets
         attributes after construction.
         """
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
-        if self.num_labels < 2:
-            raise ValueError(f"A classifier needs at least 2 labels, got num_labels={self.num_labels}.")
-        if sorted(self.id2label) != list(range(self.num_labels)):
-            raise ValueError(
-                f"id2label keys must be the ids 0 ... {self.num_labels - 1}, got {sorted(self.id2label)}."
-            )
-        expected_label2id = {label: index for index, label in self.id2label.items()}
-        if len(expected_label2id) != self.num_labels:
-            raise ValueError(f"id2label must name each class differently, got {self.id2label}.")
-        if {str(label): int(index) for label, index in self.label2id.items()} != expected_label2id:
-            raise ValueError(f"label2id {self.label2id} is not the inverse of id2label {self.id2label}.")
-        if any(width < 1 for width in self.classifier_hidden_dims):
-            raise ValueError(f"classifier_hidden_dims must hold positive widths, got {self.classifier_hidden_dims}.")
-        if len(self.classifier_dropout_rates) != len(self.classifier_hidden_dims):
-            raise ValueError(
-                f"classifier_dropout_rates needs one rate per hidden layer: {len(self.classifier_hidden_dims)} "
-                f"for classifier_hidden_dims={self.classifier_hidden_dims}, got {self.classifier_dropout_rates}."
-            )
-        if any(not 0 <= rate < 1 for rate in self.classifier_dropout_rates):
-            raise ValueError(f"classifier_dropout_rates must lie in [0, 1), got {self.classifier_dropout_rates}.")
-        if self.classifier_activation not in ACT2FN:
-            raise ValueError(
-                f"classifier_activation must be one of transformers' activations, got {self.classifier_activation!r}."
-            )
+        check_classifier_settings(self)

@@ -21,7 +21,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..configuration.configuration_receipt_vl import ReceiptVLConfig
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
-from .heads import ClassificationHead, check_tensor, last_token_state, masked_mean
+from .families import VLM_FAMILIES
+from .heads import ClassificationHead, check_tensor, last_token_state, masked_mean, tiled_image_features
 
 # Mllama checkpoints keep legacy key names (`language_model.model.*`, `vision_model.*`); transformers renames them
 # only for the classes it knows, so without this the backbone of a subclass would silently be re-initialised.
@@ -54,13 +55,12 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
     model_card_tags = ("mllama", "receipts", "image-classification")
     # The cross-entropy is a per-batch mean: the Trainer must average it over gradient accumulation itself.
     accepts_loss_kwargs = False
+    head_modules = ("classifier",)
     # Kept in full precision by `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` when the config
-    # names no `llm_int8_skip_modules`: only the text decoder is quantized. Skip lists match from the start of a
-    # module's full name, hence the full prefixes.
-    quantization_skip_modules = ("model.vision_model", "model.multi_modal_projector", "lm_head", "classifier")
+    # names no `llm_int8_skip_modules`: only the text decoder is quantized (the family's skip list, and the head).
+    quantization_skip_modules = (*VLM_FAMILIES["mllama"].quantization_skip_modules, *head_modules)
     # LoRA on the text decoder only: `target_modules=["q_proj", "v_proj"]` would also match the vision tower.
-    lora_target_modules = r"model\.language_model\.layers\.\d+\.(self_attn|cross_attn)\.(q_proj|v_proj)"
-    lora_modules_to_save = ("classifier",)
+    lora_target_modules = VLM_FAMILIES["mllama"].lora_target_regex
 
     def __init__(self, config: ReceiptVLConfig):
         config.check_classifier_settings()
@@ -90,7 +90,7 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
     def lora_config_kwargs(cls) -> dict:
         """`target_modules` and `modules_to_save` for `peft.LoraConfig`: q/v projections of the text decoder, and
         the head trained in full: `LoraConfig(r=8, **ReceiptVLClassifier.lora_config_kwargs())`."""
-        return {"target_modules": cls.lora_target_modules, "modules_to_save": list(cls.lora_modules_to_save)}
+        return {"target_modules": cls.lora_target_modules, "modules_to_save": list(cls.head_modules)}
 
     def vision_features(
         self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
@@ -99,14 +99,8 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
 
         Padding images (`aspect_ratio_ids` 0) and padding tiles (`aspect_ratio_mask` 0) are masked out.
         """
-        vision_states = self.model.vision_model(
-            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
-        ).last_hidden_state
-        projected = self.model.multi_modal_projector(vision_states)
-        batch_size, num_images, num_tiles, num_patches, hidden_size = projected.shape
-        valid_tiles = aspect_ratio_mask.bool() & (aspect_ratio_ids != 0).unsqueeze(-1)
-        valid = valid_tiles.unsqueeze(-1).expand(-1, -1, -1, num_patches)
-        return projected.reshape(batch_size, -1, hidden_size), valid.reshape(batch_size, -1)
+        vision_model, projector = self.model.vision_model, self.model.multi_modal_projector
+        return tiled_image_features(vision_model, projector, pixel_values, aspect_ratio_ids, aspect_ratio_mask)
 
     def _check_inputs(
         self,

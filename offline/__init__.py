@@ -2,8 +2,8 @@
 configs, tiny Orion models and receipt classifiers."""
 
 from .configs import (
-    PUBLIC_CONFIGS,
     public_config,
+    stored_public_configs,
     tiny_image_processor_kwargs,
     tiny_mllama_kwargs,
     tiny_qwen2_5_vl_kwargs,
@@ -16,11 +16,11 @@ from .tokenizer import qwen2_vl_tokenizer
 
 __all__ = [
     "ORION_BACKBONES",
-    "PUBLIC_CONFIGS",
     "OrionBackbone",
     "mllama_tokenizer",
     "orion_backbone",
     "public_config",
+    "stored_public_configs",
     "qwen2_vl_tokenizer",
     "tiny_image_processor_kwargs",
     "tiny_mllama_backbone_kwargs",

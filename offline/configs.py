@@ -2,23 +2,29 @@
 `config.json` of real checkpoints to check shapes on the `meta` device."""
 
 import json
+import re
 from importlib.resources import files
 from typing import Any
 
-PUBLIC_CONFIGS = {
-    "Qwen/Qwen2-VL-2B-Instruct": "qwen2_vl_2b_instruct.json",
-    "Qwen/Qwen2-VL-7B-Instruct": "qwen2_vl_7b_instruct.json",
-    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b_instruct.json",
-    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b_instruct.json",
-    "meta-llama/Llama-3.2-11B-Vision": "llama_3_2_11b_vision.json",
-}
+_PUBLIC_CONFIG_DIR = files(__package__) / "public_configs"
+
+
+def public_config_file_name(repo_id: str) -> str:
+    """The stored file of `repo_id`'s config: `Qwen/Qwen2.5-VL-3B-Instruct` → `qwen2_5_vl_3b_instruct.json`."""
+    return re.sub(r"[^a-z0-9]+", "_", repo_id.split("/")[-1].lower()) + ".json"
+
+
+def stored_public_configs() -> list[str]:
+    """File names of the public configs stored in this package."""
+    return sorted(path.name for path in _PUBLIC_CONFIG_DIR.iterdir() if path.name.endswith(".json"))
 
 
 def public_config(repo_id: str) -> dict[str, Any]:
     """The `config.json` published with `repo_id` on the Hub, stored in this package."""
-    if repo_id not in PUBLIC_CONFIGS:
-        raise ValueError(f"No stored config for {repo_id!r}; stored: {sorted(PUBLIC_CONFIGS)}.")
-    return json.loads((files(__package__) / "public_configs" / PUBLIC_CONFIGS[repo_id]).read_text())
+    path = _PUBLIC_CONFIG_DIR / public_config_file_name(repo_id)
+    if not path.is_file():
+        raise ValueError(f"No stored config for {repo_id!r}; stored: {stored_public_configs()}.")
+    return json.loads(path.read_text())
 
 
 def tiny_qwen2_vl_kwargs(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2) -> dict[str, Any]:

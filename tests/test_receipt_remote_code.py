@@ -12,7 +12,9 @@ CODE_FILES = {
     "configuration_receipt_vl.py",
     "modeling_receipt_vl.py",
     "processing_receipt_vl.py",
+    "image_inputs.py",
     "heads.py",
+    "families.py",
     "publishing.py",
 }
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +92,7 @@ def test_push_to_hub_uploads_the_code_and_the_rendered_card(tmp_path, monkeypatc
 
     assert model.push_to_hub("team/receipts", tags=["documents"]) == "committed"
     assert uploads["repo_id"] == "team/receipts"
-    assert CODE_FILES - {"processing_receipt_vl.py"} <= set(uploads["files"])
+    assert CODE_FILES - {"processing_receipt_vl.py", "image_inputs.py"} <= set(uploads["files"])
     card = ModelCard(uploads["files"]["README.md"].decode())
     assert card.data.base_model == "meta-llama/Llama-3.2-11B-Vision"
     assert card.data.pipeline_tag == "image-classification"

@@ -1,42 +1,36 @@
-"""Fine-tuning the Orion models with the Trainer: freezing, LoRA on the language model, trajectory metrics."""
+"""Fine-tuning the Orion models with the Trainer: freezing, LoRA on the language model, trajectory metrics.
+
+Freezing and LoRA are the helpers every family shares (`training/backbones.py`), with Orion's names.
+"""
 
 from collections.abc import Sequence
 
 import numpy as np
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import EvalPrediction, PreTrainedModel
 
 from ..metrics import load_metric
+from ..modeling.modeling_orion_qwen import OrionTrajectoryMixin
+from .backbones import add_lora, freeze
 
-DRIVING_MODULES = ("driving_embeddings", "trajectory_decoder")
+__all__ = ["DRIVING_MODULES", "TrajectoryMetrics", "add_lora", "displacement_statistics", "freeze_backbone"]
+
+DRIVING_MODULES = OrionTrajectoryMixin.head_modules
 
 
 def freeze_backbone(model: PreTrainedModel, vision_tower: bool, language_model: bool) -> None:
     """Stops the gradients into the vision tower and/or the language model (decoder, embeddings and LM head)."""
-    if vision_tower:
-        model.model.visual.requires_grad_(False)
-    if language_model:
-        model.model.language_model.requires_grad_(False)
-        model.lm_head.requires_grad_(False)
+    freeze(model, vision=vision_tower, projector=vision_tower, language=language_model)
 
 
-def add_lora(
-    model: PreTrainedModel,
-    r: int = 16,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-) -> PeftModel:
-    """LoRA adapters on the language model's layers only (the vision tower has `q_proj`-like names too), with
-    the driving projectors and the trajectory decoder kept fully trainable and saved (`modules_to_save`)."""
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=rf".*language_model.*\.({'|'.join(target_modules)})",
-        modules_to_save=list(DRIVING_MODULES),
-    )
-    return get_peft_model(model, config)
+def displacement_statistics(waypoints: np.ndarray) -> dict[str, list[float]]:
+    """Per-coordinate mean and standard deviation of the per-step displacements of waypoints (N, T, D): the
+    `displacement_mean` / `displacement_std` a `trajectory_head="flow"` configuration normalises with."""
+    waypoints = np.asarray(waypoints, dtype=np.float64)
+    if waypoints.ndim != 3 or len(waypoints) == 0:
+        raise ValueError(f"waypoints must have shape (N, T, D) with N > 0, got {waypoints.shape}.")
+    steps = np.diff(waypoints, axis=1, prepend=np.zeros_like(waypoints[:, :1]))
+    std = steps.std(axis=(0, 1))
+    return {"displacement_mean": steps.mean(axis=(0, 1)).tolist(), "displacement_std": np.maximum(std, 1e-3).tolist()}
 
 
 class TrajectoryMetrics:

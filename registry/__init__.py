@@ -1,0 +1,1 @@
+"""The VLM registry: every family behind one interface."""
