@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 from ..publishing import SelfContainedCodeMixin
 
 WAYPOINT_LOSSES = ("l1", "smooth_l1", "mse")
+TRAJECTORY_HEADS = ("mlp", "flow")
 PLACEHOLDER_TOKEN_IDS = ("scene_token_id", "history_token_id", "can_bus_token_id", "ego_token_id")
 
 
@@ -40,12 +41,22 @@ class OrionDrivingConfigMixin:
     num_modes (`int`, *optional*, defaults to 1):
         Trajectory modes. With more than one, `forward` takes a `command` (B,) that picks the mode, one per
         navigation command as in ORION, and the regression loss is taken on the commanded mode.
+    trajectory_head (`str`, *optional*, defaults to `"mlp"`):
+        `"mlp"`: an MLP regresses the per-step displacements (ORION's MLP baseline). `"flow"`: a generative planner,
+        a flow-matching expert (π0's recipe) that samples them from noise in `flow_num_steps` Euler steps,
+        conditioned on the `<ego_wp>` state and the command.
     trajectory_hidden_dims (`list[int]`, *optional*):
-        Hidden widths of the trajectory decoder MLP; defaults to `[H // 2]`.
+        Hidden widths of the trajectory decoder MLP (of the flow's velocity network); defaults to `[H // 2]`.
     trajectory_hidden_act (`str`, *optional*, defaults to `"gelu"`):
         Activation of the trajectory decoder MLP.
+    flow_num_steps (`int`, *optional*, defaults to 10):
+        Euler steps of the `"flow"` head's sampling.
+    displacement_mean, displacement_std (`list[float]`, *optional*):
+        Per-coordinate mean and standard deviation of the per-step waypoint displacements in the training set; the
+        `"flow"` head works on displacements normalised with them (defaults: 0 and 1).
     waypoint_loss (`str`, *optional*, defaults to `"l1"`):
-        Regression loss on the waypoints: `"l1"`, `"smooth_l1"` or `"mse"`.
+        Regression loss of the `"mlp"` head on the waypoints: `"l1"`, `"smooth_l1"` or `"mse"` (the `"flow"` head
+        trains with its flow-matching loss).
     waypoint_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight of the waypoint loss in `loss`.
     lm_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -80,8 +91,12 @@ class OrionDrivingConfigMixin:
     num_waypoints: int = 6
     waypoint_dim: int = 2
     num_modes: int = 1
+    trajectory_head: str = "mlp"
     trajectory_hidden_dims: list[int] | None = None
     trajectory_hidden_act: str = "gelu"
+    flow_num_steps: int = 10
+    displacement_mean: list[float] | None = None
+    displacement_std: list[float] | None = None
     waypoint_loss: str = "l1"
     waypoint_loss_weight: float = 1.0
     lm_loss_weight: float = 1.0
@@ -96,6 +111,10 @@ class OrionDrivingConfigMixin:
         self.can_bus_hidden_dims = list(self.can_bus_hidden_dims or [])
         if self.trajectory_hidden_dims is None:
             self.trajectory_hidden_dims = [self.text_config.hidden_size // 2]
+        if self.displacement_mean is None:
+            self.displacement_mean = [0.0] * self.waypoint_dim
+        if self.displacement_std is None:
+            self.displacement_std = [1.0] * self.waypoint_dim
         self.check_driving_settings()
 
     def check_driving_settings(self) -> None:
@@ -114,6 +133,17 @@ class OrionDrivingConfigMixin:
         for name in ("projector_hidden_act", "trajectory_hidden_act"):
             if getattr(self, name) not in ACT2FN:
                 raise ValueError(f"{name} must be one of transformers' activations, got {getattr(self, name)!r}.")
+        if self.trajectory_head not in TRAJECTORY_HEADS:
+            raise ValueError(f"trajectory_head must be one of {TRAJECTORY_HEADS}, got {self.trajectory_head!r}.")
+        if self.flow_num_steps < 1:
+            raise ValueError(f"flow_num_steps must be a positive integer, got {self.flow_num_steps}.")
+        for name in ("displacement_mean", "displacement_std"):
+            if len(getattr(self, name)) != self.waypoint_dim:
+                raise ValueError(
+                    f"{name} needs one value per waypoint coordinate ({self.waypoint_dim}), got {getattr(self, name)}."
+                )
+        if any(not std > 0 for std in self.displacement_std):
+            raise ValueError(f"displacement_std must hold positive values, got {self.displacement_std}.")
         if self.waypoint_loss not in WAYPOINT_LOSSES:
             raise ValueError(f"waypoint_loss must be one of {WAYPOINT_LOSSES}, got {self.waypoint_loss!r}.")
         for name in ("waypoint_loss_weight", "lm_loss_weight"):

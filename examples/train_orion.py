@@ -12,10 +12,17 @@ On a real checkpoint and your own records (schema in `vlmheads.data.driving`):
         --train_files train.parquet --eval_files val.parquet --num_scene_queries 512 --num_history_queries 16 \
         --lora --freeze_vision_tower --activation_checkpointing --output_dir outputs/orion-7b
 
-The script runs unchanged under `accelerate launch --num_processes 2 --cpu` (DDP over gloo), `torchrun`, and
-`accelerate launch --config_file <an FSDP config>`.
+The script runs unchanged under `torchrun --nproc_per_node 2` and `accelerate launch --multi_gpu --num_processes 2`
+(DDP; over gloo on CPUs, where the script sets `use_cpu`), and under `accelerate launch --config_file <an FSDP
+config>` on GPUs. `accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.15 (its
+multi-CPU mode needs MPI).
+
+`--report_to tensorboard` (events in `<output_dir>/runs/`) or `--report_to trackio` (`pip install
+"vlmheads[tracking]"`) also receive the comparison table and the report plot; the metrics land in
+`<output_dir>/{train,eval,all}_results.json` through `trainer.save_metrics`.
 """
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -32,7 +39,6 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     ProcessorMixin,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -45,7 +51,9 @@ from vlmheads.data.driving import (
 )
 from vlmheads.offline import orion_backbone, tiny_orion_model, tiny_orion_processor
 from vlmheads.processing.collator_orion_qwen import OrionDataCollator
-from vlmheads.training.orion import TrajectoryMetrics, add_lora, freeze_backbone
+from vlmheads.training.cards import ModelCardTrainer
+from vlmheads.training.orion import TrajectoryMetrics, add_lora, displacement_statistics, freeze_backbone
+from vlmheads.training.tracking import log_report, place_tensorboard_logs
 
 METRICS = ("L2@1s", "L2@2s", "L2@3s", "ADE", "FDE")
 
@@ -62,6 +70,20 @@ class ModelArguments:
     num_scene_queries: int = field(default=16, metadata={"help": "Scene query vectors per sample."})
     num_history_queries: int = field(default=4, metadata={"help": "History query vectors per sample."})
     num_modes: int = field(default=1, metadata={"help": "Trajectory modes, one per navigation command."})
+    trajectory_head: str = field(
+        default="mlp",
+        metadata={
+            "help": "mlp (ORION's MLP baseline) or flow (a generative flow-matching planner).",
+            "choices": ["mlp", "flow"],
+        },
+    )
+    compare_flow_planner: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Also fine-tune the same backbone with trajectory_head=flow on the same data and add its row to "
+            "the table. Default: on for the tiny offline models, off for checkpoints."
+        },
+    )
     trajectory_hidden_dims: list[int] | None = field(
         default=None, metadata={"help": "Trajectory decoder widths; the config's default is [H // 2]."}
     )
@@ -109,8 +131,10 @@ class OrionTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def build_model(args: ModelArguments, seed: int) -> tuple[ProcessorMixin, PreTrainedModel]:
-    head = {"num_modes": args.num_modes}
+def build_model(args: ModelArguments, seed: int, **head) -> tuple[ProcessorMixin, PreTrainedModel]:
+    """The processor and the model; `head` sets trajectory-head fields of a new Orion configuration (an Orion
+    checkpoint keeps its own)."""
+    head = {"num_modes": args.num_modes, **head}
     if args.trajectory_hidden_dims:
         head["trajectory_hidden_dims"] = args.trajectory_hidden_dims
     queries = {"num_scene_queries": args.num_scene_queries, "num_history_queries": args.num_history_queries}
@@ -123,7 +147,13 @@ def build_model(args: ModelArguments, seed: int) -> tuple[ProcessorMixin, PreTra
     classes = orion_backbone(model_type.removeprefix("orion_"))
     loaded = AutoProcessor.from_pretrained(args.base_model)
     if model_type.startswith("orion_"):
-        return loaded, classes.model.from_pretrained(args.base_model)
+        model = classes.model.from_pretrained(args.base_model)
+        if model.config.trajectory_head != head.get("trajectory_head", model.config.trajectory_head):
+            raise ValueError(
+                f"{args.base_model} has trajectory_head={model.config.trajectory_head!r}; fine-tune it with "
+                f"--trajectory_head {model.config.trajectory_head}."
+            )
+        return loaded, model
     processor = classes.processor(loaded.image_processor, loaded.tokenizer, loaded.video_processor, **queries)
     model = classes.model.from_pretrained(args.base_model, **queries, **head)
     # The placeholder tokens may lie beyond the checkpoint's vocabulary: grow it before they are set.
@@ -132,6 +162,16 @@ def build_model(args: ModelArguments, seed: int) -> tuple[ProcessorMixin, PreTra
     model.config.update(processor.model_config_kwargs())
     model.config.check_driving_settings()
     return processor, model
+
+
+def model_queries(args: ModelArguments) -> dict[str, int]:
+    """Scene and history queries per sample: an Orion checkpoint's own, otherwise the arguments'."""
+    queries = {"num_scene_queries": args.num_scene_queries, "num_history_queries": args.num_history_queries}
+    if not args.base_model.startswith("tiny-"):
+        config = AutoConfig.from_pretrained(args.base_model)
+        if config.model_type.startswith("orion_"):
+            queries = {name: getattr(config, name) for name in queries}
+    return queries
 
 
 def load_data(args: DataArguments, seed: int, queries: dict[str, int]) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -186,31 +226,74 @@ def plot_report(
     plt.close(figure)
 
 
+def prepare_for_training(model: PreTrainedModel, args: ModelArguments) -> PreTrainedModel:
+    """Freezes the parts the arguments name, and puts LoRA adapters on the language model when asked."""
+    freeze_backbone(model, args.freeze_vision_tower, args.freeze_language_model)
+    if args.lora:
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    return model
+
+
+def orion_trainer(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    args: TrainingArguments,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    with_answers: bool,
+) -> ModelCardTrainer:
+    config = model.config
+    return ModelCardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=OrionDataCollator(
+            processor, config.num_waypoints, config.waypoint_dim, with_answers=with_answers
+        ),
+        compute_metrics=TrajectoryMetrics(),
+        processing_class=processor,
+    )
+
+
+def train_flow_planner(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    statistics: dict[str, list[float]],
+) -> dict[str, float]:
+    """Fine-tunes the same backbone with the generative planner (`trajectory_head="flow"`) on the same data and
+    settings, and returns its evaluation row. Its run goes to `<output_dir>/flow_planner/`; it is not saved."""
+    set_seed(training_args.seed)
+    processor, model = build_model(model_args, training_args.seed, trajectory_head="flow", **statistics)
+    model = prepare_for_training(model, model_args)
+    flow_args = dataclasses.replace(
+        training_args, output_dir=str(Path(training_args.output_dir) / "flow_planner"), report_to=[], push_to_hub=False
+    )
+    trainer = orion_trainer(model, processor, flow_args, train_dataset, eval_dataset, data_args.with_answers)
+    trainer.train()
+    return metric_row(trainer.evaluate(metric_key_prefix="eval_flow"), "eval_flow")
+
+
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, OrionTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
 
-    processor, model = build_model(model_args, training_args.seed)
-    freeze_backbone(model, model_args.freeze_vision_tower, model_args.freeze_language_model)
-    if model_args.lora:
-        model = add_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout)
+    train_dataset, eval_dataset = load_data(data_args, training_args.seed, model_queries(model_args))
+    # The flow planner samples displacements normalised with the training set's statistics.
+    statistics = displacement_statistics(np.stack(train_dataset["ego_waypoints"]))
+    head = {"trajectory_head": model_args.trajectory_head}
+    if model_args.trajectory_head == "flow":
+        head.update(statistics)
+    processor, model = build_model(model_args, training_args.seed, **head)
+    model = prepare_for_training(model, model_args)
     config = model.config
-    queries = {"num_scene_queries": config.num_scene_queries, "num_history_queries": config.num_history_queries}
-    train_dataset, eval_dataset = load_data(data_args, training_args.seed, queries)
-    collator = OrionDataCollator(
-        processor, config.num_waypoints, config.waypoint_dim, with_answers=data_args.with_answers
-    )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator,
-        compute_metrics=TrajectoryMetrics(),
-        processing_class=processor,
-    )
+    place_tensorboard_logs(training_args)
+    trainer = orion_trainer(model, processor, training_args, train_dataset, eval_dataset, data_args.with_answers)
 
     mode = trainer.accelerator.distributed_type
     fsdp_requested = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -220,13 +303,19 @@ def main() -> None:
             "accelerators only, not on CPU processes."
         )
 
-    untrained = trainer.evaluate(metric_key_prefix="untrained")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trained = trainer.evaluate(metric_key_prefix="trained")
+    untrained = trainer.evaluate(metric_key_prefix="eval_untrained")
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trained = trainer.evaluate(metric_key_prefix="eval_trained")
     no_scene = trainer.evaluate(
         eval_dataset.map(lambda batch: {"scene_queries": np.zeros_like(batch["scene_queries"])}, batched=True),
-        metric_key_prefix="no_scene",
+        metric_key_prefix="eval_no_scene",
     )
+    compare_flow = model_args.compare_flow_planner
+    if compare_flow is None:
+        compare_flow = model_args.base_model.startswith("tiny-")
+    flow_row = None
+    if compare_flow and config.trajectory_head != "flow":
+        flow_row = train_flow_planner(model_args, data_args, training_args, train_dataset, eval_dataset, statistics)
 
     if model_args.lora:
         model = trainer.model.merge_and_unload()
@@ -244,19 +333,28 @@ def main() -> None:
     metrics = TrajectoryMetrics()
     table = {
         "constant velocity (CAN bus)": metrics.compute(constant_velocity_waypoints(eval_dataset["can_bus"]), targets),
-        "untrained model": metric_row(untrained, "untrained"),
-        "trained model": metric_row(trained, "trained"),
-        "trained model, scene queries zeroed": metric_row(no_scene, "no_scene"),
+        "untrained model": metric_row(untrained, "eval_untrained"),
+        "trained model": metric_row(trained, "eval_trained"),
+        "trained model, scene queries zeroed": metric_row(no_scene, "eval_no_scene"),
     }
+    if flow_row is not None:
+        table["trained flow planner (trajectory_head=flow)"] = flow_row
     print("\n| model | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(f"{row[metric]:.3f}" for metric in METRICS) + " |")
+    trainer.save_metrics("train", train_result.metrics)
+    baseline = {
+        f"eval_constant_velocity_{name}": value for name, value in table["constant velocity (CAN bus)"].items()
+    }
+    trainer.save_metrics("eval", {**untrained, **trained, **no_scene, **baseline})
 
     output_dir = Path(training_args.output_dir)
     samples = [eval_dataset[index] for index in range(data_args.num_plotted_samples)]
     batch = OrionDataCollator(processor, config.num_waypoints, config.waypoint_dim, with_answers=False)(samples)
     batch = {name: value.to(model.device) for name, value in batch.items()}
     model.eval()
+    # A flow planner samples from noise: the same seed gives the same plans.
+    torch.manual_seed(training_args.seed)
     with torch.no_grad():
         planned = model(**batch).trajectory.float().cpu().numpy()
     plot_report(
@@ -266,14 +364,22 @@ def main() -> None:
         constant_velocity_waypoints(eval_dataset["can_bus"][: len(samples)]),
         trainer.state.log_history,
     )
-    model.write_model_card(output_dir, metrics=table, images=["training_report.png"])
+    log_report(trainer, table, [output_dir / "training_report.png"])
+    datasets = [*(data_args.train_files or []), *(data_args.eval_files or [])] or ["synthetic driving set"]
+    model.write_model_card(
+        output_dir, metrics=table, model_row="trained model", datasets=datasets, images=["training_report.png"]
+    )
 
     reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).to(model.device).eval()
+    torch.manual_seed(training_args.seed)
     with torch.no_grad():
         replanned = reloaded(**batch).trajectory.float().cpu().numpy()
     if not np.allclose(replanned, planned, atol=1e-5):
         raise RuntimeError("The reloaded model does not plan like the trained one.")
     print(f"\nSaved to {output_dir} (model card, training_report.png); reloaded with AutoModel: same plans.")
+    if training_args.push_to_hub:
+        trainer.model = model  # the merged model when trained with LoRA
+        trainer.push_to_hub()  # the vlmheads card above, not the Trainer's generic one
 
 
 if __name__ == "__main__":

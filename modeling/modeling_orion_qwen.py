@@ -17,8 +17,16 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from ..configuration.configuration_orion_qwen import OrionQwen2_5Config, OrionQwenConfig
+from ..processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
-from .heads import MLP, FanInLinear, TrajectoryDecoder, check_tensor, select_mode, splice_features, waypoint_loss
+from .heads import (
+    DrivingEmbeddings,
+    check_tensor,
+    init_head_module,
+    select_mode,
+    trajectory_decoder,
+    waypoint_loss,
+)
 
 # Official checkpoints keep legacy key names (`model.layers.*`, `visual.*`); transformers renames them only for
 # the classes it knows, so without this the backbone of a subclass would silently be re-initialised.
@@ -53,85 +61,28 @@ class OrionTrajectoryOutput(MultimodalCausalLMOutputWithPast):
     lm_loss: torch.FloatTensor | None = None
 
 
-class OrionDrivingEmbeddings(nn.Module):
-    """Projects the driving features to the decoder width and puts them in place of their placeholder tokens.
-
-    Also holds the learned embedding of the `<ego_wp>` token, so that the driving parts train as one module.
-    """
-
-    def __init__(self, config: OrionQwenConfig | OrionQwen2_5Config):
-        super().__init__()
-        hidden_size = config.text_config.hidden_size
-        self.scene_projector = nn.Linear(config.scene_query_dim, hidden_size)
-        self.history_projector = nn.Linear(config.history_query_dim, hidden_size)
-        self.can_bus_projector = MLP(
-            config.can_bus_dim, config.can_bus_hidden_dims, hidden_size, config.projector_hidden_act
-        )
-        self.ego_embedding = nn.Embedding(1, hidden_size)
-        # The placeholder ids are read from the config at each call: they may be set after the embeddings grow.
-        self.config = config
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        inputs_embeds: torch.Tensor,
-        scene_queries: torch.Tensor | None = None,
-        history_queries: torch.Tensor | None = None,
-        can_bus: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`input_ids` (B, L), `inputs_embeds` (B, L, H) → embeddings (B, L, H) with the driving tokens filled in."""
-        can_bus_rows = None if can_bus is None else can_bus.unsqueeze(1)
-        for name, features, projector in (
-            ("scene_queries", scene_queries, self.scene_projector),
-            ("history_queries", history_queries, self.history_projector),
-            ("can_bus", can_bus_rows, self.can_bus_projector),
-        ):
-            kind = name.removesuffix("_queries")
-            token_id = getattr(self.config, f"{kind}_token_id")
-            if features is None:
-                if token_id is not None and (input_ids == token_id).any():
-                    raise ValueError(f"input_ids hold {kind} placeholder tokens (id {token_id}) but {name} is None.")
-                continue
-            if token_id is None:
-                raise ValueError(f"{name} was given but config.{kind}_token_id is not set.")
-            projected = projector(features.to(inputs_embeds.dtype))
-            inputs_embeds = splice_features(
-                inputs_embeds, input_ids, token_id, projected, name, f"{kind} placeholder (id {token_id})"
-            )
-        if self.config.ego_token_id is not None:
-            ego_mask = (input_ids == self.config.ego_token_id).unsqueeze(-1)
-            inputs_embeds = torch.where(ego_mask, self.ego_embedding.weight[0].to(inputs_embeds.dtype), inputs_embeds)
-        return inputs_embeds
-
-
 class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
     """The driving parts, shared by the Qwen2-VL and Qwen2.5-VL models: mix in before the transformers class."""
 
-    auto_classes = ("AutoModel",)
+    auto_classes = ("AutoModel", "AutoModelForImageTextToText")
+    pipeline_classes = {"trajectory-prediction": OrionTrajectoryPipeline}
     model_card_template = "orion_qwen.md"
     pipeline_tag = "robotics"
     model_card_tags = ("orion", "autonomous-driving", "trajectory-prediction")
     # The waypoint loss is a per-batch mean: the Trainer must average it over gradient accumulation itself.
     accepts_loss_kwargs = False
+    # The modules Orion adds to the Qwen backbone: trained in full under LoRA, kept in full precision.
+    head_modules = ("driving_embeddings", "trajectory_decoder")
 
     def __init__(self, config: OrionQwenConfig | OrionQwen2_5Config):
         config.check_driving_settings()
         super().__init__(config)
-        self.driving_embeddings = OrionDrivingEmbeddings(config)
-        self.trajectory_decoder = TrajectoryDecoder(
-            config.text_config.hidden_size,
-            config.trajectory_hidden_dims,
-            config.num_modes,
-            config.num_waypoints,
-            config.waypoint_dim,
-            config.trajectory_hidden_act,
-        )
+        self.driving_embeddings = DrivingEmbeddings(config, config.text_config.hidden_size)
+        self.trajectory_decoder = trajectory_decoder(config, config.text_config.hidden_size)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, FanInLinear):
-            module.init_fan_in_()
-        else:
+        if not init_head_module(module):
             super()._init_weights(module)
 
     def _check_driving_inputs(
@@ -273,7 +224,10 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
 
         loss = lm_loss = trajectory_loss = None
         if ego_waypoints is not None:
-            trajectory_loss = waypoint_loss(trajectory, ego_waypoints, self.config.waypoint_loss)
+            if self.config.trajectory_head == "flow":
+                trajectory_loss = self.trajectory_decoder.loss(ego_features, ego_waypoints, command)
+            else:
+                trajectory_loss = waypoint_loss(trajectory, ego_waypoints, self.config.waypoint_loss)
             loss = self.config.waypoint_loss_weight * trajectory_loss
         if labels is not None:
             lm_loss = self.loss_function(

@@ -43,6 +43,13 @@ INVALID = {
     "unknown loss": ({"waypoint_loss": "huber"}, r"waypoint_loss must be one of"),
     "negative loss weight": ({"lm_loss_weight": -1.0}, r"lm_loss_weight must be non-negative"),
     "unknown activation": ({"trajectory_hidden_act": "swishy"}, r"trajectory_hidden_act must be one of"),
+    "unknown trajectory head": ({"trajectory_head": "vae"}, r"trajectory_head must be one of \('mlp', 'flow'\)"),
+    "zero flow steps": ({"flow_num_steps": 0}, r"flow_num_steps must be a positive integer, got 0"),
+    "displacement stats of another width": (
+        {"displacement_mean": [0.0, 0.0, 0.0]},
+        r"displacement_mean needs one value per waypoint coordinate \(2\)",
+    ),
+    "zero displacement std": ({"displacement_std": [1.0, 0.0]}, r"displacement_std must hold positive values"),
 }
 
 

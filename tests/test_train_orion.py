@@ -55,8 +55,10 @@ def test_the_demo_learns_from_both_the_can_bus_and_the_scene(tmp_path):
         "untrained model",
         "trained model",
         "trained model, scene queries zeroed",
+        "trained flow planner (trajectory_head=flow)",
     }
     assert l2_3s["trained model"] <= 0.5 * l2_3s["constant velocity (CAN bus)"], table
+    assert l2_3s["trained flow planner (trajectory_head=flow)"] <= 0.5 * l2_3s["constant velocity (CAN bus)"], table
     assert l2_3s["trained model, scene queries zeroed"] >= 1.5 * l2_3s["trained model"], table
     assert l2_3s["untrained model"] > l2_3s["constant velocity (CAN bus)"], table
     assert "reloaded with AutoModel: same plans" in result.stdout
