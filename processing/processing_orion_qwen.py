@@ -1,18 +1,25 @@
 """Processors of the Orion driving models: the Qwen2-VL / Qwen2.5-VL processors, plus the driving placeholders.
 
-A prompt holds at most one `<scene>`, one `<history>` and one `<can_bus>` placeholder and exactly one `<ego_wp>`.
-The processor expands `<scene>` into `num_scene_queries` tokens and `<history>` into `num_history_queries`
-tokens, as `<|image_pad|>` is expanded per image, and passes the feature tensors through to the model.
+A prompt holds one `<scene>`, `<history>` and `<can_bus>` placeholder per given feature and at most one `<ego_wp>`
+(none for a plain question: the model then returns no trajectory). The processor expands `<scene>` into
+`num_scene_queries` tokens and `<history>` into `num_history_queries` tokens, as `<|image_pad|>` is expanded per
+image, and passes the feature tensors through to the model. The checks and the expansion are those of
+`DrivingPlaceholders`, which places the same tokens for every other family.
 """
 
 from string import Template
 
-import numpy as np
-from tokenizers import AddedToken
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 from ..publishing import SelfContainedCodeMixin
+from .image_inputs import open_images
+from .processing_driving_placeholders import (
+    DRIVING_FEATURES,
+    add_placeholder_tokens,
+    check_query_counts,
+    expand_driving_placeholders,
+)
 
 # `$name` fields are filled with the processor's placeholder tokens; the rest is Jinja.
 CHAT_TEMPLATE = Template(
@@ -37,8 +44,6 @@ CHAT_TEMPLATE = Template(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-DRIVING_FEATURES = ("scene_queries", "history_queries", "can_bus")
-
 
 class OrionProcessorMixin(SelfContainedCodeMixin):
     """The driving placeholders, shared by the Qwen2-VL and Qwen2.5-VL processors: mix in before the Qwen class."""
@@ -59,22 +64,13 @@ class OrionProcessorMixin(SelfContainedCodeMixin):
         ego_token: str = "<ego_wp>",
         **kwargs,
     ):
-        for name, count in (("num_scene_queries", num_scene_queries), ("num_history_queries", num_history_queries)):
-            if count < 1:
-                raise ValueError(f"{name} must be a positive integer, got {count}.")
+        check_query_counts(num_scene_queries, num_history_queries)
         tokens = {"scene": scene_token, "history": history_token, "can_bus": can_bus_token, "ego": ego_token}
-        if len(set(tokens.values())) != len(tokens) or not all(tokens.values()):
-            raise ValueError(f"The placeholder tokens must be distinct, non-empty strings, got {tokens}.")
-        vocab = tokenizer.get_vocab()
-        missing = [token for token in tokens.values() if token not in vocab]
-        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
-
+        token_ids = add_placeholder_tokens(tokenizer, tokens)
         self.num_scene_queries = num_scene_queries
         self.num_history_queries = num_history_queries
         self.scene_token, self.history_token, self.can_bus_token, self.ego_token = tokens.values()
-        self.scene_token_id, self.history_token_id, self.can_bus_token_id, self.ego_token_id = (
-            tokenizer.convert_tokens_to_ids(token) for token in tokens.values()
-        )
+        self.scene_token_id, self.history_token_id, self.can_bus_token_id, self.ego_token_id = token_ids.values()
         if chat_template is None:
             chat_template = CHAT_TEMPLATE.substitute({f"{kind}_token": token for kind, token in tokens.items()})
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
@@ -104,48 +100,33 @@ class OrionProcessorMixin(SelfContainedCodeMixin):
 
         `scene_queries` (B, num_scene_queries, Ds), `history_queries` (B, num_history_queries, Dh) and `can_bus`
         (B, Dc) are tensors, arrays or nested lists, one row block per prompt; they come back as tensors of the
-        requested type next to `input_ids`, `attention_mask` and `mm_token_type_ids`.
+        requested type next to `input_ids`, `attention_mask` and `mm_token_type_ids`. `images` are PIL images,
+        arrays, tensors, image file paths or URLs (one list for the batch, or one list per prompt), read upright and
+        as RGB by `open_images`.
         """
         if text is None:
-            raise ValueError("text is required: every Orion prompt holds an <ego_wp> token.")
+            raise ValueError("text is required: the prompts hold the driving placeholders.")
         prompts = [text] if isinstance(text, str) else list(text)
         features = dict(zip(DRIVING_FEATURES, (scene_queries, history_queries, can_bus), strict=True))
-        self._check_prompts(prompts, features)
-        expanded = [
-            prompt.replace(self.scene_token, self.scene_token * self.num_scene_queries).replace(
-                self.history_token, self.history_token * self.num_history_queries
-            )
-            for prompt in prompts
-        ]
+        expanded = expand_driving_placeholders(
+            prompts, features, self.placeholder_tokens, self.num_scene_queries, self.num_history_queries
+        )
+        if images is not None:
+            images = open_images(images)
         outputs = super().__call__(images=images, text=expanded, videos=videos, **kwargs)
         driving = {name: value for name, value in features.items() if value is not None}
         return_tensors = kwargs.get("return_tensors", kwargs.get("text_kwargs", {}).get("return_tensors"))
         return BatchFeature({**outputs, **driving}, tensor_type=return_tensors)
 
-    def _check_prompts(self, prompts: list[str], features: dict) -> None:
-        for index, prompt in enumerate(prompts):
-            if prompt.count(self.ego_token) != 1:
-                raise ValueError(
-                    f"Prompt {index} holds {prompt.count(self.ego_token)} {self.ego_token} tokens; every prompt needs "
-                    f"exactly one, where the trajectory is read."
-                )
-        for name, token, rows in (
-            ("scene_queries", self.scene_token, self.num_scene_queries),
-            ("history_queries", self.history_token, self.num_history_queries),
-            ("can_bus", self.can_bus_token, None),
-        ):
-            given = features[name] is not None
-            counts = [prompt.count(token) for prompt in prompts]
-            index = next((i for i, count in enumerate(counts) if count != int(given)), None)
-            if index is not None:
-                expected = f"exactly one, as {name} were given" if given else f"none, as no {name} were given"
-                raise ValueError(f"Prompt {index} holds {counts[index]} {token} placeholders; expected {expected}.")
-            if given:
-                leading = (len(prompts),) if rows is None else (len(prompts), rows)
-                shape = np.shape(features[name])
-                if len(shape) != len(leading) + 1 or shape[: len(leading)] != leading:
-                    layout = "(B, width)" if rows is None else f"(B, {rows}, width)"
-                    raise ValueError(f"{name} must have shape {layout} with B={len(prompts)} prompts, got {shape}.")
+    @property
+    def placeholder_tokens(self) -> dict[str, str]:
+        """The placeholder strings by kind: `scene`, `history`, `can_bus`, `ego`."""
+        return {
+            "scene": self.scene_token,
+            "history": self.history_token,
+            "can_bus": self.can_bus_token,
+            "ego": self.ego_token,
+        }
 
     @property
     def model_input_names(self) -> list[str]:

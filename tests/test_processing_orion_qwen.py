@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from orion_helpers import NUM_HISTORY, NUM_SCENE, camera_image, driving_features, driving_prompt, make_processor
+from orion_helpers import (
+    NUM_HISTORY,
+    NUM_SCENE,
+    camera_image,
+    driving_features,
+    driving_prompt,
+    make_processor,
+    real_vocab_model,
+)
 from transformers import AutoProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
 from vlmheads.offline import qwen2_vl_tokenizer, tiny_image_processor_kwargs
@@ -64,8 +72,10 @@ def test_chat_template_places_the_driving_placeholders(processor):
 
 
 BAD_PROMPTS = {
-    "no ego token": ("<scene><history><can_bus>Plan.", r"Prompt 0 holds 0 <ego_wp> tokens"),
-    "two ego tokens": ("<scene><history><can_bus><ego_wp><ego_wp>", r"Prompt 0 holds 2 <ego_wp> tokens"),
+    "two ego tokens": (
+        "<scene><history><can_bus><ego_wp><ego_wp>",
+        r"Prompt 0 holds 2 <ego_wp> tokens; a prompt holds at most one",
+    ),
     "two scene placeholders": (
         "<scene><scene><history><can_bus><ego_wp>",
         r"Prompt 0 holds 2 <scene> placeholders; expected exactly one, as scene_queries were given",
@@ -82,6 +92,16 @@ def test_bad_prompts_are_clear_errors(processor, case):
     prompt, message = BAD_PROMPTS[case]
     with pytest.raises(ValueError, match=message):
         processor(text=[prompt], **driving_features(1))
+
+
+def test_a_prompt_without_ego_token_is_a_plain_question_answered_without_a_trajectory(family, processor):
+    model = real_vocab_model(family, processor).eval()
+    features = driving_features(1)
+    inputs = processor(text=["<scene><history><can_bus>What is ahead?"], **features, return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.ego_token_id).sum()) == 0
+    with torch.no_grad():
+        output = model(**inputs)
+    assert output.trajectory is None and output.logits.shape[:2] == inputs["input_ids"].shape
 
 
 def test_a_placeholder_without_features_is_an_error(processor):

@@ -22,13 +22,15 @@ def saved_model(family, folder: Path, **overrides):
 def test_the_saved_folder_carries_flat_self_contained_code(family, tmp_path):
     saved_model(family, tmp_path)
     code = {"configuration_orion_qwen.py", "modeling_orion_qwen.py", "processing_orion_qwen.py", "heads.py"}
-    assert_flat_self_contained_code(tmp_path, code | {"publishing.py"})
+    code |= {"pipeline_orion_trajectory.py", "processing_driving_placeholders.py", "pipeline_inputs.py"}
+    assert_flat_self_contained_code(tmp_path, code | {"publishing.py", "image_inputs.py"})
 
     config = json.loads((tmp_path / "config.json").read_text())
     model_class = family.model.__name__
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_orion_qwen.{family.config.__name__}",
         "AutoModel": f"modeling_orion_qwen.{model_class}",
+        "AutoModelForImageTextToText": f"modeling_orion_qwen.{model_class}",
     }
     processor_config = json.loads((tmp_path / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": f"processing_orion_qwen.{family.processor.__name__}"}

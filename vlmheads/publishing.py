@@ -1,4 +1,4 @@
-"""What `save_pretrained` and `push_to_hub` add for the vlmheads classes: self-contained code and a model card.
+"""What `save_pretrained` and `push_to_hub` add for the vlmheads classes: self-contained code, pipelines, a card.
 
 transformers ships a custom class by copying its source file and the files it imports with same-folder
 relative imports (`from .x import y`). Inside the vlmheads package the model-side code spans several folders
@@ -12,15 +12,17 @@ This file imports only the standard library, transformers and huggingface_hub: i
 
 import ast
 import importlib.util
+import numbers
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
-from transformers import PreTrainedModel
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import PretrainedConfig, PreTrainedModel
 
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from\s+\.+(?:\w+\.)*(\w+)\s+import\b", re.MULTILINE)
 _HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -71,26 +73,83 @@ def write_code_files(cls: type, save_directory: str | Path) -> list[Path]:
     return written
 
 
+def code_reference(cls: type) -> str:
+    """How `auto_map` and `custom_pipelines` name a class of the flat saved code: `"module_file.ClassName"`."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def check_code_references(folder: str | Path, config: PretrainedConfig) -> None:
+    """Raises a `ValueError` when `auto_map` or `custom_pipelines` of a saved folder's config name code it lacks.
+
+    A folder saved by another vlmheads version can name files or classes that its code files no longer hold;
+    transformers would fail later with a bare import error. References into other repositories (`repo--x.Y`)
+    are not checked.
+    """
+    folder = Path(folder)
+    references = {f"auto_map[{key!r}]": value for key, value in (getattr(config, "auto_map", None) or {}).items()}
+    for task, entry in (getattr(config, "custom_pipelines", None) or {}).items():
+        references[f"custom_pipelines[{task!r}]['impl']"] = entry.get("impl") if isinstance(entry, dict) else entry
+    held = sorted(path.name for path in folder.glob("*.py"))
+    for where, value in references.items():
+        for reference in value if isinstance(value, (list, tuple)) else [value]:
+            if reference is None or "--" in reference:
+                continue
+            module, _, class_name = reference.rpartition(".")
+            path = folder / f"{module}.py"
+            if not module or not path.is_file():
+                raise ValueError(
+                    f"{folder / 'config.json'}: {where} = {reference!r} names {module}.py, which the folder does not "
+                    f"hold (it holds {held}); it was saved by another version of its code: save it again."
+                )
+            defined = {node.name for node in ast.parse(path.read_text(encoding="utf-8")).body if hasattr(node, "name")}
+            if class_name not in defined:
+                raise ValueError(
+                    f"{folder / 'config.json'}: {where} = {reference!r}, but {path.name} defines no class "
+                    f"{class_name}; it was saved by another version of its code: save it again."
+                )
+
+
 class SelfContainedCodeMixin:
     """Makes `save_pretrained` write the class's code as flat, self-contained files and record it in `auto_map`.
 
-    Mix in before the transformers base class. Subclasses list the Auto classes that should load them.
+    Mix in before the transformers base class. Subclasses list the Auto classes that should load them, and models
+    the pipelines that ship with them: `pipeline_classes = {"trajectory-prediction": OrionTrajectoryPipeline}`
+    saves the pipeline's code next to the model's and records it in `config.custom_pipelines`, which
+    `transformers.pipeline(task, model=folder, trust_remote_code=True)` reads.
     """
 
     auto_classes: ClassVar[tuple[str, ...]] = ()
+    pipeline_classes: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def from_dict(cls, *args, **kwargs):
+        """Configs only: every load of a config (`AutoConfig`, `from_pretrained`, remote code) ends here."""
+        loaded = super().from_dict(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        folder = Path(config.name_or_path or ".")
+        if config.name_or_path and (folder / "config.json").is_file():
+            check_code_references(folder, config)
+        return loaded
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         if isinstance(self, PreTrainedModel):
             # Write transformers' own key layout, not the legacy Hub one: the Trainer resumes a checkpoint with a
             # plain `load_state_dict`, which skips renamed keys (transformers issue #43701).
             kwargs.setdefault("save_original_format", False)
-        # Models keep `auto_map` in their config, configs and processors in themselves.
+        # Models keep `auto_map` and `custom_pipelines` in their config, configs and processors in themselves.
         owner = self.config if isinstance(self, PreTrainedModel) else self
-        reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        reference = code_reference(type(self))
         owner.auto_map = {**(getattr(owner, "auto_map", None) or {}), **dict.fromkeys(self.auto_classes, reference)}
+        if self.pipeline_classes:
+            model_classes = [name for name in self.auto_classes if name.startswith("AutoModel")]
+            owner.custom_pipelines = {
+                task: {"impl": code_reference(pipeline_class), "pt": model_classes}
+                for task, pipeline_class in self.pipeline_classes.items()
+            }
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            write_code_files(type(self), save_directory)
+            for cls in (type(self), *self.pipeline_classes.values()):
+                write_code_files(cls, save_directory)
         return result
 
 
@@ -98,11 +157,15 @@ class ModelCardMixin:
     """Writes `README.md` from a template in the vlmheads `model_cards/` folder when a model is saved or pushed.
 
     The installed package sets `model_card_dir`; a model loaded as remote code has no templates and keeps the
-    card that its Hub repository already has.
+    card that its Hub repository already has. What a card reports beyond the config (evaluation figures, data
+    sets, training hyper-parameters, plots) is remembered on the model by `record_model_card` and
+    `write_model_card`, so that every later card carries it, whichever way the model is published:
+    `save_pretrained`, `push_to_hub`, or the Trainer of `vlmheads.training.cards`.
     """
 
     model_card_dir: ClassVar[Path | None] = None
     model_card_template: ClassVar[str] = ""
+    model_card_training_template: ClassVar[str] = "_training.md"
     pipeline_tag: ClassVar[str | None] = None
     model_card_tags: ClassVar[tuple[str, ...]] = ()
 
@@ -114,44 +177,120 @@ class ModelCardMixin:
 
     def base_model_id(self) -> str | None:
         """Hub id of the checkpoint the backbone weights came from, if they came from the Hub."""
-        for candidate in (getattr(self.config, "base_model", None), self.config.name_or_path):
+        candidates = (self.model_card_facts.get("base_model"), getattr(self.config, "base_model", None))
+        for candidate in (*candidates, self.config.name_or_path):
             if candidate and _HUB_REPO_ID.match(candidate) and not Path(candidate).exists():
                 return candidate
         return None
 
-    def write_model_card(
-        self,
-        save_directory: str | Path,
-        *,
-        license: str = "apache-2.0",
-        tags: Sequence[str] = (),
-        metrics: dict[str, dict[str, float]] | None = None,
-        images: Sequence[str] = (),
-    ) -> Path | None:
-        """Renders the model card into `save_directory/README.md`.
+    @property
+    def model_card_facts(self) -> dict[str, Any]:
+        """What `record_model_card` remembered for this model's cards."""
+        return self.__dict__.setdefault("_model_card_facts", {})
 
-        `metrics` maps a row name (e.g. "trained model") to its metric values; `images` are file names inside
-        `save_directory` to embed. Returns the card's path, or None where no template is available.
+    def record_model_card(
+        self,
+        *,
+        license: str | None = None,
+        tags: Sequence[str] | None = None,
+        metrics: dict[str, dict[str, float]] | None = None,
+        model_row: str | None = None,
+        datasets: Sequence[str] | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        base_model: str | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        """Remembers facts for every card this model writes later; an argument left `None` keeps what it had.
+
+        `metrics` maps a row name (e.g. "trained model", "constant-velocity baseline") to metric values; `model_row`
+        names the row scored by this model, published as `model-index` evaluation results so that the Hub shows
+        them. `datasets`: data set names or Hub ids (the last one is the evaluation set); `hyperparameters`: the
+        training settings; `model_name`: the name in `model-index` (defaults to the class name).
         """
+        facts = self.model_card_facts
+        given = {
+            "license": license,
+            "tags": None if tags is None else list(tags),
+            "metrics": metrics,
+            "model_row": model_row,
+            "datasets": None if datasets is None else list(datasets),
+            "hyperparameters": hyperparameters,
+            "base_model": base_model,
+            "model_name": model_name,
+        }
+        for row, values in (metrics or {}).items():
+            for name, value in values.items():
+                if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                    raise ValueError(f"metrics[{row!r}][{name!r}] must be a number, got {value!r}.")
+        rows = metrics if metrics is not None else facts.get("metrics", {})
+        row = model_row if model_row is not None else facts.get("model_row")
+        if row is not None and row not in rows:
+            raise ValueError(f"model_row={row!r} is not a row of the card's metrics {sorted(rows)}.")
+        facts.update({name: value for name, value in given.items() if value is not None})
+
+    def write_model_card(
+        self, save_directory: str | Path, *, images: Sequence[str] | None = None, **facts: Any
+    ) -> Path | None:
+        """Renders the model card into `save_directory/README.md`, remembering `facts` (see `record_model_card`).
+
+        `images` are file names inside `save_directory` to embed; they are remembered with their folder and copied
+        into the folders of later cards. Returns the card's path, or None where no template is available.
+        """
+        self.record_model_card(**facts)
+        save_directory = Path(save_directory)
+        if images is not None:
+            self.model_card_facts["images"] = [(save_directory / name).resolve() for name in images]
         if self.model_card_dir is None:
             return None
+        facts = self.model_card_facts
+        for image in facts.get("images", []):
+            if image.is_file() and not (save_directory / image.name).is_file():
+                shutil.copy(image, save_directory / image.name)
+        metrics = facts.get("metrics", {})
+        datasets = facts.get("datasets", [])
+        model_name = facts.get("model_name") or type(self).__name__
+        eval_results = None
+        if facts.get("model_row") is not None:
+            evaluated_on = datasets[-1] if datasets else "held-out set"
+            eval_results = [
+                EvalResult(
+                    task_type=self.pipeline_tag or "other",
+                    dataset_type=evaluated_on,
+                    dataset_name=evaluated_on,
+                    metric_type=name,
+                    metric_name=name,
+                    metric_value=float(value),
+                )
+                for name, value in metrics[facts["model_row"]].items()
+            ]
+        base_model = self.base_model_id()
         card_data = ModelCardData(
             library_name="transformers",
-            base_model=self.base_model_id(),
+            base_model=base_model,
+            datasets=[name for name in datasets if _HUB_REPO_ID.match(name) and not Path(name).exists()] or None,
             pipeline_tag=self.pipeline_tag,
-            license=license,
-            tags=list(dict.fromkeys(["vlmheads", "custom_code", *self.model_card_tags, *tags])),
+            license=facts.get("license", "apache-2.0"),
+            tags=list(dict.fromkeys(["vlmheads", "custom_code", *self.model_card_tags, *facts.get("tags", [])])),
+            model_name=model_name if eval_results else None,
+            eval_results=eval_results,
         )
+        hyperparameters = facts.get("hyperparameters", {})
+        # Every template places the shared training section with `{{ training }}`.
+        training = (self.model_card_dir / self.model_card_training_template).read_text(encoding="utf-8")
+        template = (self.model_card_dir / self.model_card_template).read_text(encoding="utf-8")
         card = ModelCard.from_template(
             card_data,
-            template_str=(self.model_card_dir / self.model_card_template).read_text(encoding="utf-8"),
+            template_str=template.replace("{{ training }}", training),
             model_class=type(self).__name__,
             config=self.config,
-            metrics=metrics or {},
-            metric_names=list(dict.fromkeys(name for row in (metrics or {}).values() for name in row)),
-            images=list(images),
+            metrics=metrics,
+            metric_names=list(dict.fromkeys(name for row in metrics.values() for name in row)),
+            images=[image.name for image in facts.get("images", [])],
+            base_model=base_model,
+            datasets=datasets,
+            hyperparameters=hyperparameters,
         )
-        path = Path(save_directory) / "README.md"
+        path = save_directory / "README.md"
         card.save(path)
         return path
 
@@ -173,7 +312,7 @@ class ModelCardMixin:
         create_pr: bool = False,
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
-        license: str = "apache-2.0",
+        license: str | None = None,
     ):
         """Like `PreTrainedModel.push_to_hub`, but uploads this package's model card instead of a generic one."""
         if self.model_card_dir is None:
@@ -192,7 +331,7 @@ class ModelCardMixin:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
-            self.write_model_card(folder, license=license, tags=tags or ())
+            self.write_model_card(folder, license=license, tags=tags, model_name=repo_id.rsplit("/", 1)[-1])
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,

@@ -1,0 +1,29 @@
+"""What the pipelines do with a user's inputs before the processor: the prompt of a family's processor for a text
+and images, and images given by URL fetched with the pipeline's `timeout`.
+
+Ships with the pipelines' code in saved model folders: it imports only transformers.
+"""
+
+from typing import Any
+
+from transformers.image_utils import load_image
+
+
+def user_prompt(processor: Any, text: str, num_images: int) -> str:
+    """The processor's chat-formatted user turn (`num_images` images, then `text`) up to the assistant's answer, or
+    `text` itself for processors without a chat template (PaliGemma, Florence-2 place the image tokens themselves)."""
+    if getattr(processor, "chat_template", None) is None:
+        return text
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def fetch_urls(images: list[Any], timeout: float | None) -> list[Any]:
+    """`images` with every http(s) URL downloaded as a PIL image within `timeout` seconds; the rest unchanged (the
+    processors open files, arrays and PIL images themselves, upright and as RGB)."""
+    return [
+        load_image(image, timeout=timeout)
+        if isinstance(image, str) and image.startswith(("http://", "https://"))
+        else image
+        for image in images
+    ]
