@@ -25,6 +25,7 @@ multi-CPU mode needs MPI).
 import dataclasses
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,16 +266,17 @@ def train_flow_planner(
     statistics: dict[str, list[float]],
 ) -> dict[str, float]:
     """Fine-tunes the same backbone with the generative planner (`trajectory_head="flow"`) on the same data and
-    settings, and returns its evaluation row. Its run goes to `<output_dir>/flow_planner/`; it is not saved."""
+    settings, and returns its evaluation row. It trains in a scratch folder and is not saved."""
     set_seed(training_args.seed)
     processor, model = build_model(model_args, training_args.seed, trajectory_head="flow", **statistics)
     model = prepare_for_training(model, model_args)
-    flow_args = dataclasses.replace(
-        training_args, output_dir=str(Path(training_args.output_dir) / "flow_planner"), report_to=[], push_to_hub=False
-    )
-    trainer = orion_trainer(model, processor, flow_args, train_dataset, eval_dataset, data_args.with_answers)
-    trainer.train()
-    return metric_row(trainer.evaluate(metric_key_prefix="eval_flow"), "eval_flow")
+    with tempfile.TemporaryDirectory() as scratch:
+        flow_args = dataclasses.replace(
+            training_args, output_dir=scratch, save_strategy="no", report_to=[], push_to_hub=False
+        )
+        trainer = orion_trainer(model, processor, flow_args, train_dataset, eval_dataset, data_args.with_answers)
+        trainer.train()
+        return metric_row(trainer.evaluate(metric_key_prefix="eval_flow"), "eval_flow")
 
 
 def main() -> None:
