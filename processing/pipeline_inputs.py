@@ -1,5 +1,5 @@
-"""What the pipelines do with a user's inputs before the processor: the prompt of a family's processor for a text
-and images, and images given by URL fetched with the pipeline's `timeout`.
+"""What the pipelines do with a user's inputs before the processor: one sample dict from the call's arguments, the
+prompt of a family's processor for a text and images, and images given by URL fetched with the pipeline's `timeout`.
 
 Ships with the pipelines' code in saved model folders: it imports only transformers.
 """
@@ -7,6 +7,24 @@ Ships with the pipelines' code in saved model folders: it imports only transform
 from typing import Any
 
 from transformers.image_utils import load_image
+
+
+class SampleInputsMixin:
+    """`pipeline(images, **sample)` or `pipeline([{"images": ..., **sample}, ...])`: gathers the arguments named in
+    `sample_keys` (images first) into one sample dict for `Pipeline.__call__`. Mix in before `Pipeline`."""
+
+    sample_keys: tuple[str, ...] = ("images",)
+
+    def __call__(self, images: Any = None, **kwargs: Any) -> Any:
+        sample = {name: kwargs.pop(name) for name in self.sample_keys[1:] if name in kwargs}
+        samples_given = isinstance(images, dict) or (
+            isinstance(images, list) and len(images) > 0 and all(isinstance(item, dict) for item in images)
+        )
+        if samples_given:
+            if sample:
+                raise ValueError(f"Give {sorted(sample)} inside each sample dict, not next to a list of samples.")
+            return super().__call__(images, **kwargs)
+        return super().__call__({"images": images, **sample}, **kwargs)
 
 
 def user_prompt(processor: Any, text: str, num_images: int) -> str:

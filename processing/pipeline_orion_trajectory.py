@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
-from .pipeline_inputs import fetch_urls, user_prompt
+from .pipeline_inputs import SampleInputsMixin, fetch_urls, user_prompt
 from .processing_driving_placeholders import DrivingPlaceholders
 
 DRIVING_TENSORS = ("scene_queries", "history_queries", "can_bus")
@@ -22,7 +22,7 @@ DEFAULT_INSTRUCTION = "Plan a safe trajectory for the ego car."
 PLACEHOLDERS = ("scene", "history", "can_bus", "ego")
 
 
-class OrionTrajectoryPipeline(Pipeline):
+class OrionTrajectoryPipeline(SampleInputsMixin, Pipeline):
     """Plans the ego trajectory of one driving sample per call, with an Orion model or a `VLMForTrajectory`.
 
     ```python
@@ -38,6 +38,8 @@ class OrionTrajectoryPipeline(Pipeline):
     the `<ego_wp>` token. `command` (int) picks the mode of a multi-mode model.
     A list of dicts with these keys plans several samples.
     """
+
+    sample_keys = SAMPLE_KEYS
 
     # None: a folder without a processor loads, and __init__ says what is missing.
     _load_processor = None
@@ -72,17 +74,6 @@ class OrionTrajectoryPipeline(Pipeline):
             self.processor, config.num_scene_queries, config.num_history_queries, tokens=tokens
         )
         self.placeholder_tokens = self.driving_processor.tokens
-
-    def __call__(self, images: Any = None, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
-        sample = {name: kwargs.pop(name) for name in SAMPLE_KEYS[1:] if name in kwargs}
-        samples_given = isinstance(images, dict) or (
-            isinstance(images, list) and len(images) > 0 and all(isinstance(item, dict) for item in images)
-        )
-        if samples_given:
-            if sample:
-                raise ValueError(f"Give {sorted(sample)} inside each sample dict, not next to a list of samples.")
-            return super().__call__(images, **kwargs)
-        return super().__call__({"images": images, **sample}, **kwargs)
 
     def _sanitize_parameters(self, timeout: float | None = None, **kwargs: Any) -> tuple[dict, dict, dict]:
         if kwargs:

@@ -14,11 +14,12 @@ from transformers import Pipeline
 
 from .collator_vla import VLADataCollator, check_manipulation_record
 from .image_inputs import open_images
+from .pipeline_inputs import SampleInputsMixin
 
 SAMPLE_KEYS = ("images", "instruction", "state")
 
 
-class ActionPredictionPipeline(Pipeline):
+class ActionPredictionPipeline(SampleInputsMixin, Pipeline):
     """Predicts the action chunk of one observation per call.
 
     ```python
@@ -32,6 +33,8 @@ class ActionPredictionPipeline(Pipeline):
     (`config.state_dim` > 0). The regression head's output, the flow head's sample (seed torch for repeatable
     samples) or the tokens head's greedy bins. A list of dicts with these keys predicts several observations.
     """
+
+    sample_keys = SAMPLE_KEYS
 
     # None: a folder without a processor loads, and __init__ says what is missing.
     _load_processor = None
@@ -48,17 +51,6 @@ class ActionPredictionPipeline(Pipeline):
                 "(processor.save_pretrained(folder)) or pass processor=..."
             )
         self.collator = VLADataCollator.for_model(self.processor, self.model.config, with_actions=False)
-
-    def __call__(self, images: Any = None, **kwargs: Any) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
-        sample = {name: kwargs.pop(name) for name in SAMPLE_KEYS[1:] if name in kwargs}
-        samples_given = isinstance(images, dict) or (
-            isinstance(images, list) and len(images) > 0 and all(isinstance(item, dict) for item in images)
-        )
-        if samples_given:
-            if sample:
-                raise ValueError(f"Give {sorted(sample)} inside each sample dict, not next to a list of samples.")
-            return super().__call__(images, **kwargs)
-        return super().__call__({"images": images, **sample}, **kwargs)
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
         if kwargs:
