@@ -54,7 +54,7 @@ from vlmheads.offline import orion_backbone, tiny_orion_model, tiny_orion_proces
 from vlmheads.processing.collator_orion_qwen import OrionDataCollator
 from vlmheads.training.cards import ModelCardTrainer
 from vlmheads.training.orion import TrajectoryMetrics, add_lora, displacement_statistics, freeze_backbone
-from vlmheads.training.tracking import log_report, place_tensorboard_logs
+from vlmheads.training.tracking import log_report, prepare_tracking
 
 METRICS = ("L2@1s", "L2@2s", "L2@3s", "ADE", "FDE")
 
@@ -294,7 +294,7 @@ def main() -> None:
     processor, model = build_model(model_args, training_args.seed, **head)
     model = prepare_for_training(model, model_args)
     config = model.config
-    place_tensorboard_logs(training_args)
+    prepare_tracking(training_args)
     trainer = orion_trainer(model, processor, training_args, train_dataset, eval_dataset, data_args.with_answers)
 
     mode = trainer.accelerator.distributed_type

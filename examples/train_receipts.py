@@ -46,7 +46,7 @@ from vlmheads.data.receipts import (
 from vlmheads.metrics import load_metric
 from vlmheads.offline import tiny_mllama_model, tiny_receipt_processor
 from vlmheads.training.cards import ModelCardTrainer
-from vlmheads.training.tracking import log_report, place_tensorboard_logs
+from vlmheads.training.tracking import log_report, prepare_tracking
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
@@ -220,7 +220,7 @@ def main() -> None:
             )["macro_f1"],
         }
 
-    place_tensorboard_logs(training_args)
+    prepare_tracking(training_args)
     trainer = ModelCardTrainer(
         model=model,
         args=training_args,

@@ -7,6 +7,7 @@ Install the trackers with `pip install "vlmheads[tracking]"`.
 import os
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,18 @@ from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback, TrackioCallback
 
 
-def place_tensorboard_logs(args: TrainingArguments) -> None:
-    """Sends TensorBoard events to `<output_dir>/runs/` unless `TENSORBOARD_LOGGING_DIR` says otherwise, also for
-    an evaluation before training (the Trainer's callback would otherwise write it to `./runs/`). Call before
-    building the Trainer."""
+def prepare_tracking(args: TrainingArguments) -> None:
+    """Call before building the Trainer.
+
+    Sends TensorBoard events to `<output_dir>/runs/` unless `TENSORBOARD_LOGGING_DIR` says otherwise, also for an
+    evaluation before training (the Trainer's callback would otherwise write it to `./runs/`). Names the run
+    `<output_dir name>-<date>-<time>` unless `--run_name` is given: Trackio's callback ends its run when training
+    ends and resumes it by name for the logs that follow (the final evaluation, the report), so an unnamed run would
+    be split in two.
+    """
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(args.output_dir) / "runs"))
+    if args.run_name is None:
+        args.run_name = f"{Path(args.output_dir).resolve().name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _tag(name: str) -> str:
@@ -59,8 +67,10 @@ def log_report(trainer: Trainer, table: dict[str, dict[str, float]], images: Seq
                 pixels = np.asarray(Image.open(path).convert("RGB"))
                 callback.tb_writer.add_image(f"report/{Path(path).stem}", pixels, step, dataformats="HWC")
             callback.tb_writer.flush()
-        elif isinstance(callback, TrackioCallback) and images:
+        elif isinstance(callback, TrackioCallback):
             import trackio
 
-            trackio.log({f"report/{Path(path).stem}": trackio.Image(str(path)) for path in images})
-            trackio.finish()
+            if images:
+                trackio.log({f"report/{Path(path).stem}": trackio.Image(str(path)) for path in images})
+            # Ends the run the table resumed, as training's end does.
+            callback.on_train_end(trainer.args, trainer.state, trainer.control)
