@@ -1,0 +1,415 @@
+"""`OnnxVLM`: runs an export of `vlmheads.onnx.export_onnx` with ONNX Runtime and NumPy alone (no torch, no
+transformers).
+
+It takes the processor's outputs (`return_tensors="np"`), embeds the tokens with the embedding graph, puts image
+embeddings (vision graph) and Orion's projected driving features (driving graph) in place of their placeholder
+tokens on the host, computes the 3-D M-RoPE positions in NumPy (`mrope.py`) and runs the decoder graph with a
+key/value cache.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import open_graph, read_manifest
+from .mrope import rope_positions
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+# Orion's driving inputs, the placeholder token (manifest token_ids key) each fills, in the driving graph's order.
+DRIVING_FEATURES = {"scene_queries": "scene", "history_queries": "history", "can_bus": "can_bus"}
+
+
+@dataclass
+class DecodeState:
+    """Where generation stands: the last call's next-token `logits` (B, V) and `hidden_states` (B, S, H) (Orion
+    exports only), the cache (`past`: one (B, kv_heads, T, head_dim) array per layer and kind), the attention mask
+    over the cached tokens (B, T) and each row's last position (3, B)."""
+
+    logits: np.ndarray
+    hidden_states: np.ndarray | None
+    past: list[np.ndarray]
+    attention_mask: np.ndarray
+    last_positions: np.ndarray
+
+
+def _filter_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
+    if top_k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def _filter_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Keeps the smallest set of most likely tokens whose probability reaches `top_p` (at least one)."""
+    order = np.argsort(logits, axis=-1)
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    probs = np.exp(sorted_logits - sorted_logits[:, -1:])
+    probs /= probs.sum(axis=-1, keepdims=True)
+    removed = np.cumsum(probs, axis=-1) <= 1 - top_p
+    removed[:, -1] = False
+    filtered = np.where(removed, -np.inf, sorted_logits)
+    result = np.empty_like(logits)
+    np.put_along_axis(result, order, filtered, axis=-1)
+    return result
+
+
+class OnnxVLM:
+    """An ONNX Runtime host for a Qwen2-VL / Qwen2.5-VL / Orion export (and the receipt classifier's).
+
+    `out_dir`: the folder `export_onnx` wrote. `providers`: ONNX Runtime execution providers, e.g.
+    `["CUDAExecutionProvider", "CPUExecutionProvider"]` (default: CPU). `session_options`: passed to every session.
+    `decoder`: the manifest's decoder graph to run, "decoder" or "decoder_int8" (after
+    `vlmheads.onnx.quantize.quantize_decoder`); only that one is loaded.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        providers: list[str] | None = None,
+        session_options: ort.SessionOptions | None = None,
+        decoder: str = "decoder",
+    ):
+        self.out_dir = Path(out_dir)
+        self.manifest = read_manifest(self.out_dir)
+        self.providers = list(providers or DEFAULT_PROVIDERS)
+        unavailable = [name for name in self.providers if name not in ort.get_available_providers()]
+        if unavailable:
+            raise ValueError(
+                f"Execution providers {unavailable} are not available in this onnxruntime; available: "
+                f"{ort.get_available_providers()} (CUDAExecutionProvider needs the onnxruntime-gpu package)."
+            )
+        graphs = self.manifest["graphs"]
+        decoders = [name for name in graphs if name.startswith("decoder")]
+        if decoders and decoder not in decoders:
+            raise ValueError(f"decoder must be one of the export's decoder graphs {decoders}, got {decoder!r}.")
+        self.sessions = {
+            name: open_graph(self.out_dir, entry, self.providers, session_options)
+            for name, entry in graphs.items()
+            if name not in ("vision", "classifier") and (name == decoder or name not in decoders)
+        }
+        if decoder in self.sessions and decoder != "decoder":
+            self.sessions["decoder"] = self.sessions.pop(decoder)
+        self.vision = None
+        if "vision" in graphs:
+            from .vision_runtime import VisionEncoder
+
+            self.vision = VisionEncoder(self.out_dir, graphs["vision"], self.providers, session_options)
+        self.classifier = None
+        if "classifier" in graphs:
+            from .classifier_runtime import ClassifierRunner
+
+            self.classifier = ClassifierRunner(self.out_dir, graphs["classifier"], self.providers, session_options)
+
+    @property
+    def kind(self) -> str:
+        """What the export holds: "vlm", "orion" or "classifier"."""
+        return self.manifest["kind"]
+
+    def _require(self, *kinds: str, action: str) -> None:
+        if self.kind not in kinds:
+            raise ValueError(
+                f"{action} needs an export of kind {' or '.join(kinds)}; {self.out_dir} is {self.kind!r}."
+            )
+
+    def _token_id(self, name: str) -> int | None:
+        return self.manifest["token_ids"].get(name)
+
+    def classify(self, **processor_outputs: np.ndarray) -> np.ndarray:
+        """Class logits (B, num_labels) of the receipt classifier for the processor's outputs."""
+        self._require("classifier", action="classify")
+        return self.classifier(**processor_outputs)
+
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        image_embeds: np.ndarray | None = None,
+        scene_queries: np.ndarray | None = None,
+        history_queries: np.ndarray | None = None,
+        can_bus: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Input embeddings (B, S, H) with image embeddings and driving features in place of their tokens.
+
+        Images come as `pixel_values` + `image_grid_thw` (run through the vision graph) or as precomputed
+        `image_embeds` (total image tokens, H).
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        inputs_embeds = self.sessions["embedding"].run(None, {"input_ids": input_ids})[0]
+        image_mask = input_ids == self._token_id("image")
+        if pixel_values is not None:
+            if image_embeds is not None:
+                raise ValueError("Give pixel_values or image_embeds, not both.")
+            if self.vision is None:
+                raise ValueError(f"pixel_values were given but {self.out_dir} was exported without a vision graph.")
+            if image_grid_thw is None:
+                raise ValueError("pixel_values need image_grid_thw (the processor returns both).")
+            image_embeds = self.vision(np.asarray(pixel_values), np.asarray(image_grid_thw))
+        num_image_tokens = int(image_mask.sum())
+        if image_embeds is not None or num_image_tokens:
+            rows = 0 if image_embeds is None else len(image_embeds)
+            if rows != num_image_tokens:
+                raise ValueError(
+                    f"input_ids hold {num_image_tokens} image tokens (id {self._token_id('image')}) but there are "
+                    f"{rows} image embeddings: each image token takes one embedding row."
+                )
+            inputs_embeds[image_mask] = np.asarray(image_embeds).astype(inputs_embeds.dtype)
+        if self.kind == "orion":
+            inputs_embeds = self._merge_driving(input_ids, inputs_embeds, scene_queries, history_queries, can_bus)
+        elif any(value is not None for value in (scene_queries, history_queries, can_bus)):
+            raise ValueError(f"Driving inputs need an Orion export; {self.out_dir} is {self.kind!r}.")
+        return inputs_embeds
+
+    def _merge_driving(
+        self,
+        input_ids: np.ndarray,
+        inputs_embeds: np.ndarray,
+        scene_queries: np.ndarray | None,
+        history_queries: np.ndarray | None,
+        can_bus: np.ndarray | None,
+    ) -> np.ndarray:
+        """Projects the driving features (driving graph) and puts their rows in place of their placeholders."""
+        features = dict(zip(DRIVING_FEATURES, (scene_queries, history_queries, can_bus), strict=True))
+        for name, kind in DRIVING_FEATURES.items():
+            token_id = self._token_id(kind)
+            if features[name] is None and (input_ids == token_id).any():
+                raise ValueError(f"input_ids hold {kind} placeholder tokens (id {token_id}) but {name} is None.")
+        if all(value is None for value in features.values()):
+            return inputs_embeds
+        batch_size = input_ids.shape[0]
+        widths = {entry["name"]: entry["shape"][-1] for entry in self.manifest["graphs"]["driving"]["inputs"]}
+        feeds = {}
+        for name, value in features.items():
+            # (B, Dc) for the CAN bus, (B, N, D) for the queries; a missing one is fed a zero row, then left out.
+            shape = (batch_size, widths[name]) if name == "can_bus" else (batch_size, 1, widths[name])
+            value = np.zeros(shape, np.float32) if value is None else np.asarray(value, dtype=np.float32)
+            if value.ndim != len(shape) or value.shape[0] != batch_size or value.shape[-1] != widths[name]:
+                layout = f"(B={batch_size}, {'' if name == 'can_bus' else 'N, '}{widths[name]})"
+                raise ValueError(f"{name} must have shape {layout}, got {value.shape}.")
+            feeds[name] = value
+        projected = self.sessions["driving"].run(None, feeds)
+        for (name, kind), rows in zip(DRIVING_FEATURES.items(), projected, strict=True):
+            if features[name] is None:
+                continue
+            token_id = self._token_id(kind)
+            mask = input_ids == token_id
+            per_sample = mask.sum(axis=1)
+            if (per_sample != rows.shape[1]).any():
+                raise ValueError(
+                    f"{name} has {rows.shape[1]} rows per sample but input_ids hold {per_sample.tolist()} {kind} "
+                    f"placeholder tokens (id {token_id}) per sample."
+                )
+            inputs_embeds[mask] = rows.reshape(-1, rows.shape[-1]).astype(inputs_embeds.dtype)
+        return inputs_embeds
+
+    def _run_decoder(
+        self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
+        session = self.sessions["decoder"]
+        names = [entry.name for entry in session.get_inputs()]
+        feeds = dict(zip(names, [inputs_embeds, attention_mask, position_ids, *past], strict=True))
+        outputs = session.run(None, feeds)
+        if self.kind == "orion":
+            return outputs[0], outputs[1], outputs[2:]
+        return outputs[0], None, outputs[1:]
+
+    def _check_length(self, length: int) -> None:
+        maximum = self.manifest["decoder"]["max_sequence_length"]
+        if length > maximum:
+            raise ValueError(
+                f"The prompt and the new tokens need {length} positions; the export takes at most {maximum} "
+                "(max_sequence_length in the manifest)."
+            )
+
+    def prefill(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        mm_token_type_ids: np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        image_embeds: np.ndarray | None = None,
+        scene_queries: np.ndarray | None = None,
+        history_queries: np.ndarray | None = None,
+        can_bus: np.ndarray | None = None,
+    ) -> DecodeState:
+        """Runs the prompt (B, S) through the decoder with an empty cache."""
+        self._require("vlm", "orion", action="prefill")
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (B, S), got {input_ids.shape}.")
+        self._check_length(input_ids.shape[1])
+        attention_mask = (
+            np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {input_ids.shape}, got {attention_mask.shape}."
+            )
+        inputs_embeds = self.embed(
+            input_ids, pixel_values, image_grid_thw, image_embeds, scene_queries, history_queries, can_bus
+        )
+        has_images = image_grid_thw is not None or image_embeds is not None
+        if has_images and mm_token_type_ids is None:
+            raise ValueError("Images need mm_token_type_ids (the processor returns them) for the M-RoPE positions.")
+        if image_embeds is not None and image_grid_thw is None:
+            raise ValueError("image_embeds need image_grid_thw for the M-RoPE positions of their tokens.")
+        position_ids, _ = rope_positions(
+            attention_mask,
+            mm_token_type_ids if has_images else None,
+            image_grid_thw,
+            self.manifest["mrope"]["spatial_merge_size"],
+        )
+        sizes = self.manifest["decoder"]
+        kv_shape = (input_ids.shape[0], sizes["num_key_value_heads"], 0, sizes["head_dim"])
+        empty = [np.zeros(kv_shape, dtype=inputs_embeds.dtype) for _ in range(2 * sizes["num_layers"])]
+        logits, hidden_states, past = self._run_decoder(inputs_embeds, attention_mask, position_ids, empty)
+        return DecodeState(logits, hidden_states, past, attention_mask, position_ids[:, :, -1])
+
+    def decode(self, state: DecodeState, next_tokens: np.ndarray) -> DecodeState:
+        """Feeds one new token per row (B,) after `state`; returns the state one step further."""
+        next_tokens = np.asarray(next_tokens, dtype=np.int64).reshape(-1, 1)
+        # Generated tokens are embedded as they are: images and driving features belong to the prompt.
+        inputs_embeds = self.sessions["embedding"].run(None, {"input_ids": next_tokens})[0]
+        attention_mask = np.concatenate([state.attention_mask, np.ones_like(next_tokens)], axis=1)
+        positions = state.last_positions + 1
+        logits, hidden_states, past = self._run_decoder(
+            inputs_embeds, attention_mask, positions[:, :, None], state.past
+        )
+        return DecodeState(logits, hidden_states, past, attention_mask, positions)
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        mm_token_type_ids: np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        image_embeds: np.ndarray | None = None,
+        scene_queries: np.ndarray | None = None,
+        history_queries: np.ndarray | None = None,
+        can_bus: np.ndarray | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Token ids (B, S + N) like `model.generate`: the prompt, then up to `max_new_tokens` new tokens, rows that
+        stopped (an `eos_token_id`) padded with `pad_token_id`; stops early once every row has stopped.
+
+        Greedy by default; `do_sample=True` samples with `temperature`, `top_k` and `top_p` (transformers'
+        defaults), from a NumPy generator seeded with `seed`. Stop and pad ids default to the exported model's.
+        """
+        self._require("vlm", "orion", action="generate")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be positive when sampling, got {temperature}.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        self._check_length(input_ids.shape[-1] + max_new_tokens)
+        stop_ids = self.manifest["token_ids"]["eos"] if eos_token_id is None else eos_token_id
+        stop_ids = np.asarray([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=np.int64)
+        pad_token_id = self._token_id("pad") if pad_token_id is None else pad_token_id
+        if pad_token_id is None:
+            pad_token_id = int(stop_ids[0]) if len(stop_ids) else 0
+        rng = np.random.default_rng(seed)
+        state = self.prefill(
+            input_ids,
+            attention_mask,
+            mm_token_type_ids,
+            pixel_values,
+            image_grid_thw,
+            image_embeds,
+            scene_queries,
+            history_queries,
+            can_bus,
+        )
+        sequences = input_ids
+        unfinished = np.ones(input_ids.shape[0], dtype=bool)
+        for step in range(max_new_tokens):
+            logits = state.logits.astype(np.float32)
+            if do_sample:
+                logits = logits / temperature
+                if top_k is not None:
+                    logits = _filter_top_k(logits, top_k)
+                if top_p < 1:
+                    logits = _filter_top_p(logits, top_p)
+                probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+                probs /= probs.sum(axis=-1, keepdims=True)
+                next_tokens = np.array([rng.choice(len(row), p=row) for row in probs], dtype=np.int64)
+            else:
+                next_tokens = logits.argmax(axis=-1)
+            next_tokens = np.where(unfinished, next_tokens, pad_token_id)
+            sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
+            unfinished &= ~np.isin(next_tokens, stop_ids)
+            if not unfinished.any() or step == max_new_tokens - 1:
+                break
+            state = self.decode(state, next_tokens)
+        return sequences
+
+    def trajectory(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        mm_token_type_ids: np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        image_embeds: np.ndarray | None = None,
+        scene_queries: np.ndarray | None = None,
+        history_queries: np.ndarray | None = None,
+        can_bus: np.ndarray | None = None,
+        command: np.ndarray | None = None,
+        noise: np.ndarray | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Orion's waypoints (B, T, D) float32, read at each prompt's `<ego_wp>` token.
+
+        A model with several modes needs `command` (B,) to pick one. The flow planner samples from `noise`
+        (B, T, D) (default: standard normal from a generator seeded with `seed`).
+        """
+        self._require("orion", action="trajectory")
+        state = self.prefill(
+            input_ids,
+            attention_mask,
+            mm_token_type_ids,
+            pixel_values,
+            image_grid_thw,
+            image_embeds,
+            scene_queries,
+            history_queries,
+            can_bus,
+        )
+        ego_mask = np.asarray(input_ids) == self._token_id("ego")
+        per_sample = ego_mask.sum(axis=1)
+        if (per_sample != 1).any():
+            raise ValueError(f"Each sample needs exactly one <ego_wp> token; input_ids hold {per_sample.tolist()}.")
+        feeds: dict[str, Any] = {"ego_features": state.hidden_states[ego_mask]}
+        settings = self.manifest["trajectory"]
+        batch_size = ego_mask.shape[0]
+        if settings["head"] == "flow":
+            if noise is None:
+                shape = (batch_size, settings["num_waypoints"], settings["waypoint_dim"])
+                noise = np.random.default_rng(seed).standard_normal(shape)
+            feeds["noise"] = np.asarray(noise, dtype=np.float32)
+        modes = self.sessions["trajectory"].run(None, feeds)[0]
+        if settings["num_modes"] == 1:
+            if command is not None:
+                raise ValueError("command selects a trajectory mode, but this model has num_modes=1.")
+            return modes[:, 0]
+        if command is None:
+            raise ValueError(f"command (B,) is required: this model plans num_modes={settings['num_modes']} modes.")
+        command = np.asarray(command, dtype=np.int64).reshape(-1)
+        if command.shape != (batch_size,) or command.min() < 0 or command.max() >= settings["num_modes"]:
+            raise ValueError(
+                f"command must hold {batch_size} mode indices in [0, {settings['num_modes']}), got {command.tolist()}."
+            )
+        return modes[np.arange(batch_size), command]
