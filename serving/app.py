@@ -1,0 +1,736 @@
+"""The OpenAI-compatible HTTP server, in front of any `GenerationEngine`.
+
+Endpoints: `POST /v1/chat/completions` (text and base64 `image_url` parts, streaming with server-sent events),
+`GET /v1/models`, `GET /health`, and where the engine's model has the head: `POST /v1/trajectory` (driving models)
+and `POST /classify` (classifiers, vLLM's request and response shape). Every error is an OpenAI error object
+`{"error": {"message", "type", "param", "code"}}`; bad input is a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .engine import GenerationEngine, GenerationRequest, TokenEvent
+from .openai_protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChunkChoice,
+    ClassificationData,
+    ClassificationRequest,
+    ClassificationResponse,
+    ClassificationUsage,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TrajectoryRequest,
+    TrajectoryResponse,
+    Usage,
+    dump,
+    new_id,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "VLMHEADS_API_KEY"
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may hold: body bytes, images per request, bytes and pixels per decoded image."""
+
+    max_body_bytes: int = 16 * 2**20
+    max_images: int = 4
+    max_image_bytes: int = 8 * 2**20
+    max_image_pixels: int = 4096 * 4096
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error object with `status`."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "internal_server_error")
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.kind, param=self.param, code=self.code))
+        return JSONResponse(dump(body), status_code=self.status)
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+) -> JSONResponse:
+    return APIError(status, message, param, code, kind).response()
+
+
+# ---- request bodies and images ------------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The request body; 413 past `limits.max_body_bytes`, counted as it streams in."""
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise APIError(413, f"The request body exceeds {limits.max_body_bytes} bytes.", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect as error:
+        raise APIError(400, "The client went away while sending the request.", code="client_disconnected") from error
+    return b"".join(chunks)
+
+
+def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
+    """`body` validated as `schema`; malformed JSON or a field that breaks the schema is a 400 naming the field."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"The request body is not valid JSON: {error}.", code="invalid_json") from error
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from error
+
+
+def decode_image_url(url: str, limits: ServerLimits, param: str) -> Image.Image:
+    """A base64 `data:image/...` URL as an RGB PIL image. Remote http(s) URLs are refused: the server fetches
+    nothing."""
+    if url.startswith(("http://", "https://")):
+        raise APIError(
+            400,
+            f"{param}: remote image URLs are refused (the server fetches nothing); send a base64 data URL.",
+            param=param,
+            code="remote_image_refused",
+        )
+    header, comma, payload = url.partition(",")
+    if not header.startswith("data:") or not comma or not header.endswith(";base64"):
+        raise APIError(
+            400,
+            f"{param}: expected a base64 data URL (data:image/png;base64,...).",
+            param=param,
+            code="invalid_image_url",
+        )
+    media_type = header[len("data:") : -len(";base64")]
+    if media_type and not media_type.startswith("image"):
+        raise APIError(
+            400, f"{param}: the data URL holds {media_type!r}, not an image.", param=param, code="invalid_image"
+        )
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise APIError(
+            400, f"{param}: the image exceeds {limits.max_image_bytes} bytes.", param=param, code="image_too_large"
+        )
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise APIError(
+            400, f"{param}: the data URL is not valid base64.", param=param, code="invalid_image"
+        ) from error
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > limits.max_image_pixels:
+            raise APIError(
+                400,
+                f"{param}: the image has {image.width}x{image.height} pixels, more than {limits.max_image_pixels}.",
+                param=param,
+                code="image_too_large",
+            )
+        image.load()
+    except APIError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise APIError(
+            400, f"{param}: the data URL does not hold a readable image ({error}).", param=param, code="invalid_image"
+        ) from error
+    return image.convert("RGB")
+
+
+def chat_parts(messages: list[ChatMessage], limits: ServerLimits) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """OpenAI messages as the processors' chat-template messages (`{"type": "image"}` where an image goes), and
+    the decoded images in order."""
+    template_messages, images = [], []
+    for index, message in enumerate(messages):
+        content = message.content
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        for part_index, part in enumerate(content if isinstance(content, list) else []):
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            images.append(decode_image_url(part.image_url.url, limits, f"messages.{index}.content.{part_index}"))
+            if len(images) > limits.max_images:
+                raise APIError(
+                    400, f"At most {limits.max_images} images per request.", param="messages", code="too_many_images"
+                )
+            parts.append({"type": "image"})
+        role = "system" if message.role == "developer" else message.role
+        template_messages.append({"role": role, "content": parts})
+    return template_messages, images
+
+
+# ---- streaming text -----------------------------------------------------------------------------------------------
+
+
+class CompletionText:
+    """Detokenizes a growing completion and applies the stop strings: `push` returns the text that is safe to send
+    (held back: an incomplete UTF-8 character, and a tail that could start a stop string)."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.sent = 0
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token_id: int | None, final: bool) -> str:
+        if token_id is not None and not self.stopped:
+            self.token_ids.append(token_id)
+            self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        safe_end = len(self.text)
+        if not self.stopped:
+            hits = [
+                index
+                for index in (self.text.find(stop, max(0, self.sent - len(stop))) for stop in self.stop)
+                if index >= 0
+            ]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+                safe_end = len(self.text)
+            elif not final:
+                if self.text.endswith("\ufffd"):
+                    safe_end -= 1
+                if self.stop:
+                    safe_end = max(self.sent, safe_end - max(len(stop) for stop in self.stop) + 1)
+        delta, self.sent = self.text[self.sent : max(self.sent, safe_end)], max(self.sent, safe_end)
+        return delta
+
+
+class EngineStream:
+    """The events of one submitted request, as an async iterator on the server's event loop."""
+
+    def __init__(self, engine: GenerationEngine, request: GenerationRequest):
+        self.engine = engine
+        self.request_id = request.request_id
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.finished = False
+        self.checked_at = time.monotonic()
+        try:
+            engine.submit(request, self._on_event)
+        except ValueError as error:
+            raise APIError(400, str(error), code="invalid_request") from error
+        except RuntimeError as error:
+            raise APIError(503, str(error), code="shutting_down", kind="service_unavailable") from error
+
+    def _on_event(self, event: TokenEvent) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def next_event(self, request: Request) -> TokenEvent:
+        """The next event; cancels the request when the client has gone away (checked every DISCONNECT_POLL_S)."""
+        while True:
+            if time.monotonic() - self.checked_at >= DISCONNECT_POLL_S:
+                self.checked_at = time.monotonic()
+                if await request.is_disconnected():
+                    self.cancel()
+            try:
+                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                continue
+            if event.finish_reason is not None:
+                self.finished = True
+            return event
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.engine.cancel(self.request_id)
+
+
+class CancellingStreamingResponse(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends (done, or the client went away)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = dump(payload, exclude_none=False) if isinstance(payload, BaseModel) else payload
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---- the app ------------------------------------------------------------------------------------------------------
+
+
+class GuardMiddleware:
+    """`Authorization: Bearer <api_key>` on every path but /health (401 otherwise), and a 413 for a declared
+    `Content-Length` past the body limit, before the app reads anything."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                response = error_response(
+                    401,
+                    "Invalid or missing API key: send `Authorization: Bearer <key>`.",
+                    code="invalid_api_key",
+                    kind="authentication_error",
+                )
+                await response(scope, receive, send)
+                return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            response = error_response(
+                413, f"The request body exceeds {self.max_body_bytes} bytes.", code="body_too_large"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Server:
+    """The endpoints' logic over one engine."""
+
+    def __init__(self, engine: GenerationEngine, limits: ServerLimits):
+        self.engine = engine
+        self.limits = limits
+        self.processor = engine.processor
+        self.tokenizer = getattr(engine.processor, "tokenizer", engine.processor)
+        # Fast tokenizers are not safe to call from several threads at once.
+        self.processor_lock = threading.Lock()
+        eos = tuple(engine.eos_token_ids)
+        if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos = (self.tokenizer.eos_token_id,)
+        self.stop_token_ids = eos
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.engine.model_id:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.engine.model_id}`.",
+                param="model",
+                code="model_not_found",
+                kind="not_found_error",
+            )
+
+    def process(self, param: str, **kwargs: Any) -> dict[str, Any]:
+        """The processor's tensors for one sample; a processor's ValueError is a 400 on `param`."""
+        try:
+            with self.processor_lock:
+                return dict(self.processor(return_tensors="pt", **kwargs))
+        except Exception as error:
+            # The inputs passed the server's checks, so what the processor refuses is still the request's fault.
+            raise APIError(
+                400, f"{param}: {type(error).__name__}: {error}", param=param, code="invalid_value"
+            ) from error
+
+    def chat_inputs(self, body: ChatCompletionRequest) -> dict[str, Any]:
+        messages, images = chat_parts(body.messages, self.limits)
+        try:
+            with self.processor_lock:
+                prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as error:
+            raise APIError(
+                400, f"messages: the chat template rejects them ({error}).", param="messages", code="invalid_value"
+            ) from error
+        return self.process("messages", images=images or None, text=[prompt])
+
+    async def chat(self, request: Request) -> Response:
+        body: ChatCompletionRequest = parse_body(await read_body(request, self.limits), ChatCompletionRequest)
+        self.check_model(body.model)
+        inputs = await run_in_threadpool(self.chat_inputs, body)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        max_context = self.engine.max_context
+        if prompt_tokens >= max_context:
+            raise APIError(
+                400,
+                f"The prompt holds {prompt_tokens} tokens; this model's maximum context length is "
+                f"{max_context} tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        limit = body.completion_limit
+        if limit is not None and prompt_tokens + limit > max_context:
+            raise APIError(
+                400,
+                f"max_tokens={limit} plus the prompt's {prompt_tokens} tokens exceed this model's "
+                f"maximum context length of {max_context} tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        completion_id = new_id("chatcmpl")
+        generation = GenerationRequest(
+            request_id=completion_id,
+            inputs=inputs,
+            max_new_tokens=limit if limit is not None else max_context - prompt_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop_token_ids=self.stop_token_ids,
+        )
+        stream = EngineStream(self.engine, generation)
+        text = CompletionText(self.tokenizer, body.stop_strings)
+        created = now()
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = self.stream_chunks(request, stream, text, completion_id, created, prompt_tokens, include_usage)
+            return CancellingStreamingResponse(
+                chunks, stream.cancel, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        try:
+            finish_reason = await self.collect(request, stream, text)
+        finally:
+            stream.cancel()
+        completion_tokens = len(text.token_ids)
+        response = ChatCompletionResponse(
+            id=completion_id,
+            created=created,
+            model=self.engine.model_id,
+            choices=[ChatChoice(message=AssistantMessage(content=text.text), finish_reason=finish_reason)],
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+        return JSONResponse(dump(response))
+
+    async def collect(self, request: Request, stream: EngineStream, text: CompletionText) -> str:
+        """Runs a request to its end; returns its finish reason."""
+        while True:
+            event = await stream.next_event(request)
+            text.push(event.token_id, final=event.finish_reason is not None)
+            if event.finish_reason == "error":
+                raise APIError(500, f"Generation failed: {event.error}", code="generation_failed")
+            if text.stopped:
+                return "stop"
+            if event.finish_reason is not None:
+                return event.finish_reason
+
+    async def stream_chunks(
+        self,
+        request: Request,
+        stream: EngineStream,
+        text: CompletionText,
+        completion_id: str,
+        created: int,
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
+            choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+            body = ChatCompletionChunk(id=completion_id, created=created, model=self.engine.model_id, choices=[choice])
+            data = dump(body, exclude={"usage"} if not include_usage else set())
+            return sse(data)
+
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        finish_reason = None
+        while finish_reason is None:
+            event = await stream.next_event(request)
+            delta = text.push(event.token_id, final=event.finish_reason is not None)
+            if delta:
+                yield chunk(DeltaMessage(content=delta))
+            if event.finish_reason == "error":
+                error = ErrorInfo(
+                    message=f"Generation failed: {event.error}", type="internal_server_error", code="generation_failed"
+                )
+                yield sse(ErrorResponse(error=error))
+                yield "data: [DONE]\n\n"
+                return
+            if text.stopped:
+                stream.cancel()
+                finish_reason = "stop"
+            elif event.finish_reason is not None:
+                finish_reason = event.finish_reason
+        yield chunk(DeltaMessage(), finish_reason)
+        if include_usage:
+            completion_tokens = len(text.token_ids)
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            final = ChatCompletionChunk(
+                id=completion_id, created=created, model=self.engine.model_id, choices=[], usage=usage
+            )
+            yield sse(final)
+        yield "data: [DONE]\n\n"
+
+    async def run_forward(self, inputs: dict[str, Any]) -> Any:
+        try:
+            return await run_in_threadpool(self.engine.forward, inputs)
+        except NotImplementedError as error:
+            raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
+
+    # ---- /v1/trajectory --------------------------------------------------------------------------------------
+
+    def trajectory_inputs(self, body: TrajectoryRequest) -> dict[str, Any]:
+        config = self.engine.config
+        shapes = {
+            "scene_queries": (config.num_scene_queries, config.scene_query_dim),
+            "history_queries": (config.num_history_queries, config.history_query_dim),
+            "can_bus": (config.can_bus_dim,),
+        }
+        features = {}
+        for name, shape in shapes.items():
+            try:
+                value = torch.tensor(getattr(body, name), dtype=torch.float32)
+            except ValueError as error:
+                raise APIError(
+                    400,
+                    f"{name} must be a rectangular array of shape {list(shape)}.",
+                    param=name,
+                    code="invalid_value",
+                ) from error
+            if tuple(value.shape) != shape:
+                raise APIError(
+                    400,
+                    f"{name} must have shape {list(shape)}, got {list(value.shape)}.",
+                    param=name,
+                    code="invalid_value",
+                )
+            features[name] = value.unsqueeze(0)
+        images = [] if body.image is None else [decode_image_url(body.image, self.limits, "image")]
+        content = [{"type": "image"}] * len(images) + [
+            {"type": "scene"},
+            {"type": "history"},
+            {"type": "can_bus"},
+            {"type": "text", "text": body.prompt or "Plan a safe trajectory for the ego car."},
+            {"type": "ego"},
+        ]
+        with self.processor_lock:
+            prompt = self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
+        inputs = self.process("prompt", images=[images] if images else None, text=[prompt], **features)
+        num_modes = getattr(config, "num_modes", 1)
+        if num_modes > 1:
+            if body.command is None or not 0 <= body.command < num_modes:
+                raise APIError(
+                    400,
+                    f"command must be a mode index in [0, {num_modes}), got {body.command!r}.",
+                    param="command",
+                    code="invalid_value",
+                )
+            inputs["command"] = torch.tensor([body.command])
+        elif body.command is not None:
+            raise APIError(
+                400,
+                "command picks a trajectory mode, but this model has one mode.",
+                param="command",
+                code="invalid_value",
+            )
+        inputs["logits_to_keep"] = 1
+        return inputs
+
+    async def trajectory(self, request: Request) -> Response:
+        config = self.engine.config
+        if getattr(config, "ego_token_id", None) is None or not hasattr(self.processor, "placeholder_tokens"):
+            raise APIError(
+                404,
+                f"`{self.engine.model_id}` plans no trajectories: POST /v1/trajectory serves Orion driving models.",
+                code="unsupported_endpoint",
+                kind="not_found_error",
+            )
+        body: TrajectoryRequest = parse_body(await read_body(request, self.limits), TrajectoryRequest)
+        self.check_model(body.model)
+        inputs = await run_in_threadpool(self.trajectory_inputs, body)
+        output = await self.run_forward(inputs)
+        modes = None
+        if getattr(config, "num_modes", 1) > 1:
+            modes = output.trajectory_modes[0].float().tolist()
+        response = TrajectoryResponse(
+            id=new_id("traj"),
+            created=now(),
+            model=self.engine.model_id,
+            waypoints=output.trajectory[0].float().tolist(),
+            modes=modes,
+            usage=ClassificationUsage(
+                prompt_tokens=int(inputs["input_ids"].shape[1]), total_tokens=int(inputs["input_ids"].shape[1])
+            ),
+        )
+        return JSONResponse(dump(response))
+
+    # ---- /classify -------------------------------------------------------------------------------------------
+
+    def classification_inputs(self, body: ClassificationRequest) -> list[dict[str, Any]]:
+        multimodal = getattr(self.engine.config, "pooling", "multimodal") == "multimodal"
+        samples = []
+        if body.messages is not None:
+            messages, images = chat_parts(body.messages, self.limits)
+            if not images:
+                raise APIError(
+                    400,
+                    "messages: the classifier reads an image; none was given.",
+                    param="messages",
+                    code="invalid_value",
+                )
+            prompt = None
+            if multimodal:
+                with self.processor_lock:
+                    prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            samples.append(self.process("messages", images=[images], text=None if prompt is None else [prompt]))
+            return samples
+        urls = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not urls:
+            raise APIError(400, "input: give at least one image data URL.", param="input", code="invalid_value")
+        if len(urls) > self.limits.max_images:
+            raise APIError(
+                400, f"At most {self.limits.max_images} images per request.", param="input", code="too_many_images"
+            )
+        prompt = self.processor.classification_prompt() if multimodal else None
+        for index, url in enumerate(urls):
+            image = decode_image_url(url, self.limits, f"input.{index}")
+            samples.append(self.process(f"input.{index}", images=[image], text=None if prompt is None else [prompt]))
+        return samples
+
+    async def classify(self, request: Request) -> Response:
+        config = self.engine.config
+        if not getattr(config, "id2label", None) or not hasattr(self.processor, "classification_prompt"):
+            raise APIError(
+                404,
+                f"`{self.engine.model_id}` is no classifier: POST /classify serves the receipt classifier.",
+                code="unsupported_endpoint",
+                kind="not_found_error",
+            )
+        body: ClassificationRequest = parse_body(await read_body(request, self.limits), ClassificationRequest)
+        self.check_model(body.model)
+        samples = await run_in_threadpool(self.classification_inputs, body)
+        data, prompt_tokens = [], 0
+        for index, inputs in enumerate(samples):
+            output = await self.run_forward(inputs)
+            probs = output.logits[0].float().softmax(dim=-1)
+            label = config.id2label[int(probs.argmax())]
+            data.append(ClassificationData(index=index, label=label, probs=probs.tolist(), num_classes=len(probs)))
+            if "input_ids" in inputs:
+                prompt_tokens += int(inputs["input_ids"].shape[1])
+        response = ClassificationResponse(
+            id=new_id("classify"),
+            created=now(),
+            model=self.engine.model_id,
+            data=data,
+            usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+        )
+        return JSONResponse(dump(response))
+
+
+def create_app(
+    engine: GenerationEngine,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    close_engine_on_shutdown: bool = False,
+) -> FastAPI:
+    """The FastAPI app over `engine`. With `api_key`, every endpoint but /health needs `Authorization: Bearer
+    <api_key>`. With `close_engine_on_shutdown`, the app's shutdown (after uvicorn has finished the requests in
+    flight) closes the engine, draining it."""
+    limits = limits or ServerLimits()
+    server = Server(engine, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_engine_on_shutdown:
+            await run_in_threadpool(engine.close, True)
+
+    app = FastAPI(title="vlmheads", description="OpenAI-compatible server for vlmheads models.", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(400, str(error), code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return error_response(error.status_code, str(error.detail), kind=kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("Unhandled error on %s", request.url.path)
+        return error_response(500, f"Internal error: {type(error).__name__}.", code="internal_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = ModelCard(id=engine.model_id, created=now(), max_model_len=engine.max_context)
+        return JSONResponse(dump(ModelList(data=[card])))
+
+    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/trajectory", server.trajectory, methods=["POST"])
+    app.add_api_route("/classify", server.classify, methods=["POST"])
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    return app
+
+
+def serve(
+    engine: GenerationEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serves `engine` until SIGINT / SIGTERM (blocking); then finishes the requests in flight (uvicorn's graceful
+    shutdown) and closes the engine, draining it. uvicorn then re-raises the signal, as its own CLI does."""
+    app = create_app(engine, api_key=api_key, limits=limits, close_engine_on_shutdown=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    try:
+        server.run()
+    finally:
+        engine.close(drain=True)

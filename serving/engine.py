@@ -1,0 +1,86 @@
+"""What the HTTP server needs from whatever runs the model: one process, or a torch.distributed pipeline.
+
+The server turns a chat request into the processor's outputs for that one prompt, submits it, and receives tokens
+one by one through a callback, from the engine's own thread. Engines batch the requests they hold (continuous
+batching: a request submitted while a step runs joins the next step).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to continue.
+
+    Args:
+        request_id: unique among the requests an engine holds.
+        inputs: the processor's outputs for this prompt alone (batch of 1, torch tensors): `input_ids`,
+            `attention_mask`, and with images `pixel_values`, `image_grid_thw`, `mm_token_type_ids`.
+        max_new_tokens: at most this many tokens are generated (> 0).
+        temperature: 0 decodes greedily; above 0 samples from the softmax of logits / temperature.
+        top_p: nucleus sampling mass (only when sampling).
+        seed: seeds this request's sampling generator, so a sampled answer can be reproduced.
+        stop_token_ids: generation ends after emitting any of these (the eos ids; the server adds none of its own).
+    """
+
+    request_id: str
+    inputs: dict[str, Any]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class TokenEvent:
+    """One step of one request: a new token, or the end of the request (or both).
+
+    `finish_reason` is None while the request runs, then "stop" (a stop token), "length" (max_new_tokens),
+    "abort" (cancelled) or "error" (with `error` set); the event that carries a finish_reason is the last.
+    """
+
+    request_id: str
+    token_id: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class GenerationEngine(abc.ABC):
+    """Runs requests to completion, batching them; thread-safe `submit` / `cancel`."""
+
+    #: The name the server lists under GET /v1/models.
+    model_id: str
+    #: The processor that prepares `GenerationRequest.inputs` and decodes tokens.
+    processor: Any
+    #: The longest prompt + completion, in tokens, the engine accepts.
+    max_context: int
+    #: Token ids that end a completion (the model's generation-config eos ids); the server passes them as
+    #: `stop_token_ids`, and falls back to the tokenizer's eos id when this is empty.
+    eos_token_ids: tuple[int, ...] = ()
+    #: The model's `PretrainedConfig` when the engine has it: the server reads the model's tasks from it (a driving
+    #: model's `ego_token_id` enables POST /v1/trajectory, a classifier's `id2label` POST /classify).
+    config: Any = None
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> None:
+        """Queues `request`; `on_event` is called from the engine's thread for every token and once at the end."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Stops a request (a client that went away) and frees its slot; its last event has finish_reason "abort"."""
+
+    @abc.abstractmethod
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops accepting requests; with `drain`, finishes those in flight first (at most `timeout` seconds)."""
+
+    def forward(self, inputs: dict[str, Any]) -> Any:
+        """One forward pass of the whole model on the processor's outputs (batch of 1) for the endpoints that do not
+        generate (trajectory, classify); returns the model's output (`trajectory`, `logits`). Thread-safe. Engines
+        that only generate keep this default."""
+        raise NotImplementedError(f"{type(self).__name__} runs generation only.")

@@ -1,0 +1,342 @@
+"""`LocalEngine`: one process, one model, its own thread, continuous batching.
+
+Each request is prefilled alone (its own prompt, images and driving features; batch of 1) and keeps its KV cache.
+The requests that are decoding share one batched cache: rows are left-padded to the longest, and every decode step
+runs all of them together with an explicit attention mask and explicit per-row positions (3-D M-RoPE positions for
+Qwen2-VL / Qwen2.5-VL, whose own decode-time positions assume one offset shared by the batch). A request that arrives
+while a step runs is prefilled before the next decode step and joins it; a finished or cancelled request leaves the
+batch at once, freeing its slot.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .engine import GenerationEngine, GenerationRequest, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+EventCallback = Callable[[TokenEvent], None]
+
+
+@dataclass
+class _Slot:
+    """One request the engine holds: its sampling state and how many tokens its cache rows hold."""
+
+    request: GenerationRequest
+    on_event: EventCallback
+    generator: torch.Generator | None = None
+    cache: DynamicCache | None = None
+    cached_tokens: int = 0
+    rope_delta: int = 0
+    last_token: int = 0
+    generated: int = 0
+    finished: bool = False
+
+
+def sample_next_tokens(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+    """Next token of each row of `logits` (B, V): argmax for greedy rows, else softmax(logits / temperature) cut to
+    the top-p mass and sampled with the row's own generator."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, slot in enumerate(slots):
+        request = slot.request
+        if request.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[row].float() / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > request.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        tokens[row] = int(torch.multinomial(probs, 1, generator=slot.generator))
+    return tokens
+
+
+class LocalEngine(GenerationEngine):
+    """Serves one in-process model; `submit` / `cancel` / `close` are thread-safe, the model runs on one thread.
+
+    Args:
+        model: a causal VLM in eval mode whose decoder cache is a plain self-attention `DynamicCache` (the Orion
+            models, Qwen2-VL / Qwen2.5-VL and other decoder-only VLMs).
+        processor: the model's processor.
+        model_id: the name the server lists.
+        max_batch_size: at most this many requests decode together; later ones wait in a queue.
+        max_context: the longest prompt + completion accepted (default: the text config's `max_position_embeddings`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        model_id: str = "vlmheads-tiny",
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.config = model.config
+        text_config = model.config.get_text_config(decoder=True)
+        self.max_context = int(max_context or text_config.max_position_embeddings)
+        self.max_batch_size = max_batch_size
+        # Mllama's cross-attention caches hold the image tiles, not the prompt: they do not stack like the others.
+        self.can_generate = not getattr(text_config, "cross_attention_layers", None)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        self._rope_index = rope_index
+        self._rope_index_args = set(inspect.signature(rope_index).parameters) if rope_index is not None else set()
+        self._pending: deque[_Slot] = deque()
+        self._cancelled: set[str] = set()
+        self._known_ids: set[str] = set()
+        self._closing = False
+        self._drain = True
+        self._wakeup = threading.Condition()
+        self._rows: list[_Slot] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._thread = threading.Thread(target=self._run, name=f"LocalEngine[{model_id}]", daemon=True)
+        self._thread.start()
+
+    # ---- the thread-safe API -------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> None:
+        if not self.can_generate:
+            raise ValueError(
+                f"{type(self.model).__name__} has cross-attention caches, which LocalEngine does not batch: it serves "
+                "this model's non-generative endpoints only."
+            )
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}.")
+        slot = _Slot(request, on_event)
+        if request.temperature > 0:
+            slot.generator = torch.Generator()
+            if request.seed is None:
+                slot.generator.seed()
+            else:
+                slot.generator.manual_seed(request.seed)
+        with self._wakeup:
+            if self._closing:
+                raise RuntimeError("The engine is shutting down and accepts no new requests.")
+            if request.request_id in self._known_ids:
+                raise ValueError(f"request_id {request.request_id!r} is already in use.")
+            self._known_ids.add(request.request_id)
+            self._pending.append(slot)
+            self._wakeup.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._wakeup:
+            if request_id in self._known_ids:
+                self._cancelled.add(request_id)
+                self._wakeup.notify()
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        with self._wakeup:
+            self._closing = True
+            self._drain = drain
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    @property
+    def num_active(self) -> int:
+        """Requests queued or decoding."""
+        with self._wakeup:
+            return len(self._known_ids)
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, Any]) -> Any:
+        return self.model(**self._to_model(inputs))
+
+    # ---- the engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._pending and not self._rows and not self._cancelled and not self._closing:
+                    self._wakeup.wait()
+                if self._closing and not self._drain:
+                    self._cancelled.update(self._known_ids)
+                cancelled, self._cancelled = self._cancelled, set()
+                admitted = []
+                for slot in list(self._pending):
+                    if slot.request.request_id in cancelled:
+                        self._pending.remove(slot)
+                        admitted.append(slot)
+                while self._pending and len(self._rows) + len(admitted) < self.max_batch_size:
+                    admitted.append(self._pending.popleft())
+                idle = self._closing and not self._pending and not self._rows and not admitted
+            if idle:
+                return
+            self._drop_rows(cancelled)
+            joining = []
+            for slot in admitted:
+                if slot.request.request_id in cancelled:
+                    self._finish(slot, None, "abort")
+                elif self._prefill(slot):
+                    joining.append(slot)
+            if joining:
+                self._join(joining)
+            if self._rows:
+                self._decode_step()
+
+    def _to_model(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        dtype = self.model.dtype
+        return {
+            name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for name, value in inputs.items()
+        }
+
+    def _emit(self, slot: _Slot, event: TokenEvent) -> None:
+        try:
+            slot.on_event(event)
+        except Exception:
+            logger.exception("The event callback of request %s failed.", slot.request.request_id)
+
+    def _finish(self, slot: _Slot, token: int | None, reason: str, error: str | None = None) -> None:
+        slot.finished = True
+        slot.cache = None
+        with self._wakeup:
+            self._known_ids.discard(slot.request.request_id)
+            self._cancelled.discard(slot.request.request_id)
+        self._emit(slot, TokenEvent(slot.request.request_id, token, finish_reason=reason, error=error))
+
+    def _accept_token(self, slot: _Slot, token: int) -> None:
+        """Emits `token`, ending the request on a stop token or at max_new_tokens."""
+        slot.generated += 1
+        slot.last_token = token
+        if token in slot.request.stop_token_ids:
+            self._finish(slot, token, "stop")
+        elif slot.generated >= slot.request.max_new_tokens:
+            self._finish(slot, token, "length")
+        else:
+            self._emit(slot, TokenEvent(slot.request.request_id, token))
+
+    def _prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Positions of the prompt (3, 1, S) for M-RoPE models, else (1, S), and the offset of decode positions."""
+        input_ids = inputs["input_ids"]
+        length = input_ids.shape[1]
+        if self._rope_index is None:
+            return torch.arange(length).unsqueeze(0), 0
+        has_vision = inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None
+        if not has_vision:
+            return torch.arange(length).view(1, 1, -1).expand(3, 1, -1), 0
+        rope_inputs = {name: value for name, value in inputs.items() if name in self._rope_index_args}
+        positions, deltas = self._rope_index(**rope_inputs)
+        return positions, int(deltas.reshape(-1)[0])
+
+    def _prefill(self, slot: _Slot) -> bool:
+        """Runs the prompt of one request, emits its first token, and says whether it goes on decoding."""
+        request = slot.request
+        try:
+            inputs = self._to_model(request.inputs)
+            input_ids = inputs["input_ids"]
+            if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+                raise ValueError(f"inputs['input_ids'] must have shape (1, S), got {tuple(input_ids.shape)}.")
+            position_ids, slot.rope_delta = self._prompt_positions(inputs)
+            with torch.no_grad():
+                outputs = self.model(
+                    **inputs, position_ids=position_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1
+                )
+            cache = outputs.cache
+            if any(type(layer) is not DynamicLayer for layer in cache.layers):
+                raise ValueError(
+                    f"LocalEngine batches plain self-attention caches only; {type(self.model).__name__} returned "
+                    f"{sorted({type(layer).__name__ for layer in cache.layers})}."
+                )
+            slot.cache = cache
+            slot.cached_tokens = input_ids.shape[1]
+            (token,) = sample_next_tokens(outputs.logits[:, -1], [slot])
+        except Exception as error:
+            logger.exception("Prefill of request %s failed.", request.request_id)
+            self._finish(slot, None, "error", error=f"{type(error).__name__}: {error}")
+            return False
+        self._accept_token(slot, token)
+        return not slot.finished
+
+    def _join(self, joining: list[_Slot]) -> None:
+        """Left-pads the batched cache and the joining requests' caches to one length and stacks them."""
+        old_length = 0 if self._mask is None else self._mask.shape[1]
+        length = max(old_length, *(slot.cached_tokens for slot in joining))
+        parts = [] if self._cache is None else [(self._cache, self._mask, old_length)]
+        parts += [
+            (slot.cache, torch.ones(1, slot.cached_tokens, dtype=torch.long), slot.cached_tokens) for slot in joining
+        ]
+        num_layers = len(parts[0][0].layers)
+        layers = []
+        for index in range(num_layers):
+            keys, values = [], []
+            for cache, _, part_length in parts:
+                layer = cache.layers[index]
+                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, length - part_length, 0)))
+                values.append(torch.nn.functional.pad(layer.values, (0, 0, length - part_length, 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        self._mask = torch.cat(
+            [torch.nn.functional.pad(mask, (length - part_length, 0)) for _, mask, part_length in parts]
+        )
+        self._cache = DynamicCache(layers)
+        for slot in joining:
+            slot.cache = None
+        self._rows += joining
+
+    def _drop_rows(self, request_ids: set[str]) -> None:
+        """Removes finished rows and those of `request_ids` (ended as "abort") from the batch."""
+        if not self._rows:
+            return
+        for slot in self._rows:
+            if not slot.finished and slot.request.request_id in request_ids:
+                self._finish(slot, None, "abort")
+        keep = [row for row, slot in enumerate(self._rows) if not slot.finished]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[row] for row in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        # Columns that are padding in every remaining row are dropped.
+        start = int((mask.sum(dim=0) > 0).nonzero()[0])
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        input_ids = torch.tensor([[slot.last_token] for slot in rows])
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
+        positions = torch.tensor([[slot.cached_tokens + slot.rope_delta] for slot in rows])
+        if self._rope_index is not None:
+            positions = positions.unsqueeze(0).expand(3, -1, -1)
+        try:
+            with torch.no_grad():
+                outputs = self.model(
+                    input_ids=input_ids,
+                    attention_mask=self._mask,
+                    position_ids=positions,
+                    cache=self._cache,
+                    use_cache=True,
+                )
+            self._cache = outputs.cache
+            tokens = sample_next_tokens(outputs.logits[:, -1], rows)
+        except Exception as error:
+            logger.exception("A decode step of %d requests failed.", len(rows))
+            for slot in rows:
+                self._finish(slot, None, "error", error=f"{type(error).__name__}: {error}")
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        for slot, token in zip(rows, tokens, strict=True):
+            slot.cached_tokens += 1
+            self._accept_token(slot, token)
+        self._drop_rows(set())

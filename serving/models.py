@@ -1,0 +1,40 @@
+"""The models `python -m vlmheads.serve` serves: a saved folder, or the embedded tiny Orion model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoProcessor
+
+from vlmheads.offline import tiny_orion_model, tiny_orion_processor
+
+EMBEDDED_MODEL_ID = "vlmheads-tiny-orion"
+EMBEDDED_SCENE_QUERIES, EMBEDDED_HISTORY_QUERIES = 8, 4
+
+
+def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Redraws every matrix of a random model from N(0, std²). Freshly initialised tiny models (std 0.02) answer
+    every prompt with the same token; wider weights make different prompts give different answers."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return model
+
+
+def embedded_tiny_model(seed: int = 0, backbone: str = "qwen2_vl") -> tuple[torch.nn.Module, Any]:
+    """A tiny random Orion model (hidden 64, 2 layers, the real Qwen2-VL tokenizer; on Qwen2-VL unless `backbone`
+    says "qwen2_5_vl") and its processor, with 8 scene and 4 history queries; built in code, nothing downloaded."""
+    processor = tiny_orion_processor(
+        backbone, num_scene_queries=EMBEDDED_SCENE_QUERIES, num_history_queries=EMBEDDED_HISTORY_QUERIES
+    )
+    return spread_weights(tiny_orion_model(processor, backbone, seed=seed), seed=seed), processor
+
+
+def load_model_folder(path: str) -> tuple[torch.nn.Module, Any]:
+    """A saved model folder (e.g. `outputs/orion_demo`), loaded with its own code like any Hub user would."""
+    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    return model, processor

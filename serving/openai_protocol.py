@@ -1,0 +1,231 @@
+"""Request and response bodies of the server: OpenAI's chat completions, vLLM's /classify, and /v1/trajectory."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorInfo
+
+
+# ---- chat completions ---------------------------------------------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """What `POST /v1/chat/completions` reads; other OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _stop_strings_not_empty(self) -> ChatCompletionRequest:
+        if any(stop == "" for stop in self.stop_strings):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    @property
+    def completion_limit(self) -> int | None:
+        """`max_completion_tokens`, else `max_tokens` (its deprecated alias), else None."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+# ---- models -------------------------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vlmheads"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- /classify (vLLM's shape) -------------------------------------------------------------------------------------
+
+
+class ClassificationRequest(BaseModel):
+    """One or more images as data URLs in `input`, or one chat turn in `messages` (images + optional question)."""
+
+    model: str | None = None
+    input: str | list[str] | None = None
+    messages: list[ChatMessage] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClassificationRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of `input` (image data URLs) and `messages`")
+        return self
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: ClassificationUsage
+
+
+# ---- /v1/trajectory -----------------------------------------------------------------------------------------------
+
+
+class TrajectoryRequest(BaseModel):
+    """The driving tensors of one sample as nested lists: `scene_queries` (Ns, Ds), `history_queries` (Nh, Dh),
+    `can_bus` (Dc,), an optional camera image (data URL) and instruction `prompt`, and `command` for multi-mode
+    models."""
+
+    model: str | None = None
+    scene_queries: list[list[float]]
+    history_queries: list[list[float]]
+    can_bus: list[float]
+    image: str | None = None
+    prompt: str | None = None
+    command: int | None = None
+
+
+class TrajectoryResponse(BaseModel):
+    id: str
+    object: Literal["trajectory"] = "trajectory"
+    created: int
+    model: str
+    waypoints: list[list[float]]
+    modes: list[list[list[float]]] | None = None
+    usage: ClassificationUsage
+
+
+def dump(model: BaseModel, **kwargs: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json", **kwargs)

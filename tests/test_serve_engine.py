@@ -1,0 +1,179 @@
+"""LocalEngine: continuous batching that answers like `model.generate`, cancellation, draining, sampling."""
+
+import threading
+import time
+
+import pytest
+import torch
+from serve_helpers import camera_image, tiny_parts
+
+from vlmheads.serve import GenerationRequest, LocalEngine, TokenEvent
+
+
+class Collector:
+    """Gathers the events of several requests; `wait()` returns once every request has ended."""
+
+    def __init__(self, count: int):
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, tuple[str, str | None]] = {}
+        self.count = count
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, event: TokenEvent) -> None:
+        with self.lock:
+            if event.token_id is not None:
+                self.tokens.setdefault(event.request_id, []).append(event.token_id)
+            if event.finish_reason is not None:
+                self.finish[event.request_id] = (event.finish_reason, event.error)
+                if len(self.finish) == self.count:
+                    self.done.set()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        assert self.done.wait(timeout), f"only {len(self.finish)} of {self.count} requests ended"
+
+
+def chat_inputs(processor, text: str, image=None) -> dict:
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return dict(processor(images=None if image is None else [image], text=[prompt], return_tensors="pt"))
+
+
+PROMPTS = [
+    ("Hi.", None, 6),
+    ("Describe the road ahead of the car in a few careful words.", camera_image(1), 11),
+    ("a b c d e f g h i j k l m n o p", None, 3),
+    ("What is in front?", camera_image(2, width=84), 9),
+    ("Stop or go?", None, 14),
+]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+def reference(model, inputs: dict, max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos))
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize(
+    ("kind", "max_batch_size"),
+    [
+        ("qwen2_vl", 16),
+        ("qwen2_vl", 2),
+        pytest.param("qwen2_5_vl", 16, marks=pytest.mark.slow),
+        pytest.param("llava", 16, marks=pytest.mark.slow),
+    ],
+)
+def test_concurrent_greedy_answers_equal_generate(kind, max_batch_size):
+    """Requests of different lengths, with and without images, arriving while others decode (and, with a batch
+    of 2, waiting for a slot) answer token for token like single-request `model.generate`: with the explicit
+    M-RoPE positions of Qwen2-VL / Qwen2.5-VL, and the 1-D positions of a plain VLM."""
+    model, processor = tiny_parts(kind)
+    engine = LocalEngine(model, processor, max_batch_size=max_batch_size)
+    inputs = [chat_inputs(processor, text, image) for text, image, _ in PROMPTS]
+    expected = [reference(model, x, n, engine.eos_token_ids) for x, (_, _, n) in zip(inputs, PROMPTS, strict=True)]
+    assert len({tuple(tokens) for tokens in expected}) == len(PROMPTS), "the model answers every prompt alike"
+    collector = Collector(len(PROMPTS))
+    for index, (x, (_, _, max_new_tokens)) in enumerate(zip(inputs, PROMPTS, strict=True)):
+        engine.submit(GenerationRequest(str(index), x, max_new_tokens, stop_token_ids=engine.eos_token_ids), collector)
+        time.sleep(0.01 * index)
+    collector.wait()
+    engine.close()
+    assert [collector.tokens[str(index)] for index in range(len(PROMPTS))] == expected
+    assert all(reason in ("length", "stop") for reason, _ in collector.finish.values())
+
+
+def test_sampling_is_reproducible_with_a_seed(parts):
+    model, processor = parts
+    engine = LocalEngine(model, processor)
+    inputs = chat_inputs(processor, "Tell me a story.")
+    collector = Collector(3)
+    for request_id, seed in (("a", 7), ("b", 7), ("c", 8)):
+        engine.submit(GenerationRequest(request_id, inputs, 12, temperature=1.5, top_p=0.9, seed=seed), collector)
+    collector.wait()
+    engine.close()
+    assert collector.tokens["a"] == collector.tokens["b"]
+    assert collector.tokens["a"] != collector.tokens["c"]
+
+
+def test_cancel_frees_the_slot(parts):
+    model, processor = parts
+    engine = LocalEngine(model, processor, max_batch_size=1)
+    collector = Collector(2)
+    inputs = chat_inputs(processor, "Go on and on.")
+    engine.submit(GenerationRequest("long", inputs, 3000), collector)
+    engine.submit(GenerationRequest("next", inputs, 2), collector)
+    while not collector.tokens.get("long"):
+        time.sleep(0.01)
+    engine.cancel("long")
+    collector.wait()
+    engine.close()
+    assert collector.finish["long"][0] == "abort"
+    assert len(collector.tokens["long"]) < 3000
+    assert collector.finish["next"][0] == "length" and len(collector.tokens["next"]) == 2
+    assert engine.num_active == 0
+
+
+def test_close_drains_requests_in_flight(parts):
+    model, processor = parts
+    engine = LocalEngine(model, processor, max_batch_size=2)
+    collector = Collector(3)
+    inputs = chat_inputs(processor, "Keep going.")
+    for index in range(3):
+        engine.submit(GenerationRequest(str(index), inputs, 20), collector)
+    engine.close(drain=True, timeout=60)
+    assert collector.done.is_set()
+    assert {reason for reason, _ in collector.finish.values()} == {"length"}
+    assert all(len(tokens) == 20 for tokens in collector.tokens.values())
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(GenerationRequest("late", inputs, 2), collector)
+
+
+def test_close_without_drain_aborts(parts):
+    model, processor = parts
+    engine = LocalEngine(model, processor)
+    collector = Collector(1)
+    engine.submit(GenerationRequest("0", chat_inputs(processor, "Never ending."), 3000), collector)
+    engine.close(drain=False, timeout=60)
+    assert collector.finish["0"][0] == "abort"
+
+
+def test_a_failing_request_ends_with_an_error_and_the_engine_keeps_serving(parts):
+    model, processor = parts
+    engine = LocalEngine(model, processor)
+    collector = Collector(2)
+    bad = chat_inputs(processor, "Broken.")
+    bad["input_ids"] = bad["input_ids"][0]
+    engine.submit(GenerationRequest("bad", bad, 4), collector)
+    engine.submit(GenerationRequest("good", chat_inputs(processor, "Fine."), 4), collector)
+    collector.wait()
+    engine.close()
+    assert collector.finish["bad"][0] == "error" and "input_ids" in collector.finish["bad"][1]
+    assert collector.finish["good"][0] == "length"
+
+
+def test_bad_arguments_are_refused(parts):
+    model, processor = parts
+    with pytest.raises(ValueError, match="max_batch_size"):
+        LocalEngine(model, processor, max_batch_size=0)
+    engine = LocalEngine(model, processor)
+    inputs = chat_inputs(processor, "Hi.")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit(GenerationRequest("zero", inputs, 0), lambda event: None)
+    engine.submit(GenerationRequest("same", inputs, 2), lambda event: None)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.submit(GenerationRequest("same", inputs, 2), lambda event: None)
+    engine.close()
+
+
+def test_forward_runs_the_whole_model(parts):
+    model, processor = parts
+    engine = LocalEngine(model, processor)
+    inputs = chat_inputs(processor, "Hi.")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert torch.allclose(engine.forward(inputs).logits, expected)
+    engine.close()
