@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -44,3 +46,16 @@ def test_the_training_benchmark_reports_throughput_and_step_memory():
     assert re.search(r"data path and Trainer cost: -?\d+\.\d %", run.stdout)
     memory = dict(re.findall(r"^\| (trajectory[^|]*) \| ([\d.]+) \|$", run.stdout, flags=re.M))
     assert float(memory["trajectory + text loss (full-vocabulary logits)"]) > float(memory["trajectory loss"])
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_reports_the_batching_gain_and_the_load_test():
+    small = "--requests 4 --max_tokens 4 --load_requests 8 --clients 4"
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_serve.py"), *small.split()], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rates = re.findall(r"^\| (1|4) \| 16 \| [\d.]+ \| ([\d.]+) \|$", run.stdout, flags=re.M)
+    assert [clients for clients, _ in rates] == ["1", "4"] and all(float(rate) > 0 for _, rate in rates)
+    assert re.search(r"batching gain \(4 clients / 1 client, tokens/s\): \d+\.\d\dx", run.stdout)
+    assert re.search(r"^\| 8 \| 0 \| 0 \|", run.stdout, flags=re.M)  # every request answered, no 5xx
