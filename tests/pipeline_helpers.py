@@ -1,0 +1,93 @@
+"""Tiny Orion models saved for the pipeline tests, their prompts and reference tokens, and a torchrun launcher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from orion_helpers import camera_image, driving_prompt
+from safetensors.torch import save_file
+
+from vlmheads.offline import ORION_BACKBONES
+from vlmheads.serve.models import spread_weights
+
+
+def pipeline_model(backbone: str, processor, num_layers: int, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Orion model with `num_layers` decoder layers, over the processor's full vocabulary, its
+    matrices drawn wider so that greedy decoding depends on the prompt."""
+    classes = ORION_BACKBONES[backbone]
+    config = classes.config(
+        **classes.tiny_kwargs(len(processor.tokenizer), num_hidden_layers=num_layers),
+        **processor.model_config_kwargs(),
+    )
+    torch.manual_seed(seed)
+    return spread_weights(classes.model(config).eval(), std=0.1, seed=seed)
+
+
+def driving_inputs(model, processor, index: int, image: bool) -> dict[str, torch.Tensor]:
+    """The processor's outputs for prompt `index` (batch of 1), with or without a camera image."""
+    config = model.config
+    generator = torch.Generator().manual_seed(index)
+    inputs = processor(
+        text=[driving_prompt(processor, question=f"Where next, {index}?", image=image)],
+        images=[camera_image(index)] if image else None,
+        scene_queries=torch.randn(1, config.num_scene_queries, config.scene_query_dim, generator=generator),
+        history_queries=torch.randn(1, config.num_history_queries, config.history_query_dim, generator=generator),
+        can_bus=torch.randn(1, config.can_bus_dim, generator=generator),
+        return_tensors="pt",
+    )
+    return {name: tensor.contiguous() for name, tensor in inputs.items()}
+
+
+def reference_tokens(model, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+    """Single-process greedy `generate`, without early stop."""
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def write_prompts(folder: Path, model, processor, images: list[bool], max_new_tokens: int) -> tuple[Path, list]:
+    """A prompts file whose lines point to saved processor outputs; returns it and the reference tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines, references = [], []
+    for index, image in enumerate(images):
+        inputs = driving_inputs(model, processor, index, image)
+        save_file(inputs, folder / f"prompt{index}.safetensors")
+        lines.append({"id": f"p{index}", "inputs": f"prompt{index}.safetensors", "max_new_tokens": max_new_tokens})
+        references.append(reference_tokens(model, inputs, max_new_tokens))
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path, references
+
+
+def torchrun_command(num_stages: int, *args: str) -> list[str]:
+    """`torchrun --standalone` (a free port of its own) running the pipeline with `num_stages` processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={num_stages}",
+        "-m",
+        "vlmheads.pipeline",
+        *args,
+    ]
+
+
+def torchrun_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_torchrun(num_stages: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        torchrun_command(num_stages, *args),
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    return {line["id"]: line for line in map(json.loads, path.read_text().splitlines())}
