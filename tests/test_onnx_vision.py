@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from orion_helpers import FAMILIES, camera_image, small_model
@@ -80,6 +81,9 @@ def test_vision_graph_matches_pytorch(models, exported, name, image_size):
     assert entry["patch_dim"] == 3 * 2 * 14 * 14
     assert entry["hidden_size"] == model.config.text_config.hidden_size
     assert (out_dir / entry["file"]).is_file() and entry["external_data"] == []
+    # The patch embedding is exported as a MatMul, and the model keeps its own Conv3d patch embedding.
+    assert "Conv" not in {node.op_type for node in onnx.load(out_dir / entry["file"]).graph.node}
+    assert not isinstance(model.model.visual.patch_embed, vision.MatMulPatchEmbed)
 
     inputs = image_inputs(image_size, seeds=[1, 2])
     encoder = VisionEncoder(out_dir, entry, PROVIDERS)
