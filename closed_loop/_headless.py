@@ -15,6 +15,8 @@ def configure_headless() -> None:
     os.environ.setdefault("MUJOCO_GL", backend)
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
 
 def import_simulator(name: str) -> ModuleType:
