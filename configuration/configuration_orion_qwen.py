@@ -7,6 +7,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 from transformers.activations import ACT2FN
 
 from ..publishing import SelfContainedCodeMixin
+from .constants import HEAD_TRAJECTORY
 
 WAYPOINT_LOSSES = ("l1", "smooth_l1", "mse")
 TRAJECTORY_HEADS = ("mlp", "flow")
@@ -67,6 +68,7 @@ class OrionDrivingConfigMixin:
         Hub id of the checkpoint the backbone weights came from, for the model card.
     """
 
+    head_kind = HEAD_TRAJECTORY
     # The Trainer hands every other output to `compute_metrics`: keep only the trajectory.
     keys_to_ignore_at_inference = [
         "cache",

@@ -5,6 +5,7 @@ from transformers import MllamaConfig
 
 from ..modeling.heads import check_classifier_settings, default_dropout_rates
 from ..publishing import SelfContainedCodeMixin
+from .constants import HEAD_CLASSIFICATION
 
 RECEIPT_COUNT_LABELS = {0: "0", 1: "1", 2: "2 or more"}
 
@@ -43,6 +44,7 @@ class ReceiptVLConfig(SelfContainedCodeMixin, MllamaConfig):
     """
 
     model_type = "receipt_vl"
+    head_kind = HEAD_CLASSIFICATION
     auto_classes = ("AutoConfig",)
     # The Trainer hands every other output to `compute_metrics`: keep only the logits.
     keys_to_ignore_at_inference = ["pooled_features", "hidden_states", "attentions"]

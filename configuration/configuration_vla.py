@@ -6,6 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 
 from .configuration_vlm_heads import VLMHeadConfig
+from .constants import HEAD_ACTIONS
 
 ACTION_HEADS = ("regression", "tokens", "flow")
 # Families that are complete robot policies already, with their own action expert: a head on them makes no sense.
@@ -49,6 +50,7 @@ class VLAConfig(VLMHeadConfig):
     """
 
     model_type = "vla"
+    head_kind = HEAD_ACTIONS
     # The Trainer hands every other output to `compute_metrics`: keep only the actions.
     keys_to_ignore_at_inference = ["logits", "action_loss", "pooled_state", "cache", "hidden_states", "attentions"]
 

@@ -4,6 +4,7 @@ from huggingface_hub.dataclasses import strict
 
 from ..modeling.heads import check_classifier_settings, default_dropout_rates
 from .configuration_vlm_heads import VLMHeadConfig
+from .constants import HEAD_CLASSIFICATION
 
 
 @strict
@@ -39,6 +40,7 @@ class VLMClassificationConfig(VLMHeadConfig):
     """
 
     model_type = "vlm_classification"
+    head_kind = HEAD_CLASSIFICATION
     # The Trainer hands every other output to `compute_metrics`: keep only the logits.
     keys_to_ignore_at_inference = ["pooled_features", "hidden_states", "attentions"]
 

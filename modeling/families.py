@@ -5,6 +5,16 @@ uses, where its vision tower, projector and language model sit, which modules Lo
 precision under bitsandbytes, and how its processor marks images. Everything else (the registry, the task heads,
 freezing, LoRA, quantization, the named Orion and receipt models) reads this table.
 
+The table also declares what the runtimes need to know about a family (`positions`, `architecture`,
+`onnx_exportable`, `pipeline_splittable`, `generates_text`): the server, the ONNX export and pipeline parallelism read
+these fields, never a list of class names.
+
+Adding a family: one entry here, its tiny offline configuration (`offline/tiny/<name>.py`), its published
+`config.json` (`offline/public_configs/`) and its size in `tests/test_registry.py`; the parametrised suites then
+cover it. Declare a capability only once its runtime's tests run on the family: `onnx_exportable` needs the ONNX
+parity tests (`tests/test_onnx_*.py`), `pipeline_splittable` the token-identity tests
+(`tests/test_pipeline_parallel.py`).
+
 Imports only the standard library and transformers: this file ships as remote code with every head model.
 """
 
@@ -13,6 +23,17 @@ from dataclasses import dataclass, field
 
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
+
+POSITIONS_1D = "1d"
+"""Position ids are one index per token."""
+POSITIONS_MROPE = "mrope"
+"""Position ids are 3-D (temporal, height, width) M-RoPE indices, `(3, B, L)`; images need `mm_token_type_ids`."""
+DECODER_ONLY = "decoder-only"
+"""Image features are spliced into the decoder's input embeddings at the image tokens."""
+CROSS_ATTENTION = "cross-attention"
+"""The decoder cross-attends to the image features in dedicated layers (Mllama)."""
+ENCODER_DECODER = "encoder-decoder"
+"""An encoder reads the image features and the prompt; a decoder generates (Florence-2)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,16 @@ class VLMFamily:
     """Further registry names (the seed's model names) and the checkpoint each loads."""
     other_model_types: tuple[str, ...] = ()
     """Other `model_type`s of checkpoints that load into `model_class` unchanged (same architecture and keys)."""
+    positions: str = POSITIONS_1D
+    """`POSITIONS_1D` or `POSITIONS_MROPE`: how the decoder's position ids are computed."""
+    architecture: str = DECODER_ONLY
+    """`DECODER_ONLY`, `CROSS_ATTENTION` or `ENCODER_DECODER`: how the language model sees the image."""
+    generates_text: bool = True
+    """Whether the family's model class generates text (π0 predicts actions only)."""
+    onnx_exportable: bool = False
+    """Whether `vlmheads.onnx_export` exports the family (and head models on it)."""
+    pipeline_splittable: bool = False
+    """Whether `vlmheads.parallel` splits the family's decoder into pipeline stages."""
 
     @property
     def config_cls(self) -> type[PretrainedConfig]:
@@ -85,9 +116,18 @@ class VLMFamily:
 
 
 def _qwen(
-    name: str, model_type: str, prefix: str, checkpoint: str, checkpoints: dict[str, str], merged_patch: int = 28
+    name: str,
+    model_type: str,
+    prefix: str,
+    checkpoint: str,
+    checkpoints: dict[str, str],
+    merged_patch: int = 28,
+    runtimes: bool = True,
 ) -> VLMFamily:
-    """A Qwen-VL family; `merged_patch` is the side in pixels of the 2x2 patch group behind one image token."""
+    """A Qwen-VL family; `merged_patch` is the side in pixels of the 2x2 patch group behind one image token.
+
+    `runtimes`: whether the ONNX export and pipeline parallelism run the family.
+    """
     return VLMFamily(
         name=name,
         model_type=model_type,
@@ -103,6 +143,9 @@ def _qwen(
         "at the processed size",
         image_inputs=("pixel_values", "image_grid_thw"),
         checkpoints=checkpoints,
+        positions=POSITIONS_MROPE,
+        onnx_exportable=runtimes,
+        pipeline_splittable=runtimes,
     )
 
 
@@ -141,6 +184,8 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
             },
             # Qwen3-VL's patches are 16 pixels wide (Qwen2-VL's 14).
             merged_patch=32,
+            # Its interleaved M-RoPE and deepstack visual features are not exported nor split yet.
+            runtimes=False,
         ),
         VLMFamily(
             name="mllama",
@@ -157,6 +202,7 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
             # The receipt classifier's recipe: q/v projections of the self- and cross-attention layers.
             lora_target_modules=("q_proj", "v_proj"),
             image_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),
+            architecture=CROSS_ATTENTION,
             checkpoints={
                 "llama-3.2-11b-vision": "meta-llama/Llama-3.2-11B-Vision",
                 "llama-3.2-11b-vision-instruct": "meta-llama/Llama-3.2-11B-Vision-Instruct",
@@ -214,6 +260,7 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
             image_token_expansion="num_image_tokens tokens (577 at 768 px) before the task prompt, in the encoder",
             # BART attention names its output projection out_proj.
             lora_target_modules=("q_proj", "k_proj", "v_proj", "out_proj"),
+            architecture=ENCODER_DECODER,
             checkpoints={
                 "florence-2-base": "florence-community/Florence-2-base",
                 "florence-2-large": "florence-community/Florence-2-large",
@@ -274,6 +321,7 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
             # pixel_values (B, cameras, C, H, W) and the camera mask (B, cameras); the VLM's get_image_features
             # (`model.model.vlm`) takes the pixel values of the real cameras, flattened to (N, C, H, W).
             image_inputs=("pixel_values", "pixel_attention_mask"),
+            generates_text=False,
             checkpoints={"pi0-base": "lerobot/pi0_base"},
         ),
     )

@@ -17,6 +17,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from ..configuration.configuration_orion_qwen import OrionQwen2_5Config, OrionQwenConfig
+from ..configuration.constants import HEAD_TRAJECTORY
 from ..processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
 from .heads import (
@@ -64,6 +65,7 @@ class OrionTrajectoryOutput(MultimodalCausalLMOutputWithPast):
 class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
     """The driving parts, shared by the Qwen2-VL and Qwen2.5-VL models: mix in before the transformers class."""
 
+    head_kind = HEAD_TRAJECTORY
     auto_classes = ("AutoModel", "AutoModelForImageTextToText")
     pipeline_classes = {"trajectory-prediction": OrionTrajectoryPipeline}
     model_card_template = "orion_qwen.md"

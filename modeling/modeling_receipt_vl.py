@@ -20,6 +20,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..configuration.configuration_receipt_vl import ReceiptVLConfig
+from ..configuration.constants import HEAD_CLASSIFICATION
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
 from .families import VLM_FAMILIES
 from .heads import ClassificationHead, check_tensor, last_token_state, masked_mean, tiled_image_features
@@ -49,6 +50,7 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
     """
 
     config: ReceiptVLConfig
+    head_kind = HEAD_CLASSIFICATION
     auto_classes = ("AutoModel", "AutoModelForImageClassification")
     model_card_template = "receipt_vl.md"
     pipeline_tag = "image-classification"

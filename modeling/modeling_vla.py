@@ -23,6 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..configuration.configuration_vla import VLAConfig
+from ..configuration.constants import HEAD_ACTIONS
 from ..processing.pipeline_vla_actions import ActionPredictionPipeline
 from .heads import MLP, FlowMatchingHead, check_tensor, last_token_state
 from .modeling_vlm_heads import VLMHeadPreTrainedModel, check_image_tokens, sequence_states
@@ -101,6 +102,7 @@ class VLAForActionPrediction(VLMHeadPreTrainedModel):
 
     config_class = VLAConfig
     config: VLAConfig
+    head_kind = HEAD_ACTIONS
     model_card_template = "vla.md"
     model_card_tags = ("robotics", "vision-language-action")
     pipeline_tag = "robotics"

@@ -19,6 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..configuration.configuration_vlm_classification import VLMClassificationConfig
 from ..configuration.configuration_vlm_heads import VLMHeadConfig
 from ..configuration.configuration_vlm_trajectory import VLMTrajectoryConfig
+from ..configuration.constants import HEAD_CLASSIFICATION, HEAD_TRAJECTORY
 from ..processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
 from ..processing.pipeline_vlm_classification import VLMImageClassificationPipeline
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
@@ -316,6 +317,7 @@ class VLMForImageClassification(_DelegatedGeneration, VLMHeadPreTrainedModel):
 
     config: VLMClassificationConfig
     config_class = VLMClassificationConfig
+    head_kind = HEAD_CLASSIFICATION
     auto_classes = ("AutoModel", "AutoModelForImageClassification")
     model_card_template = "vlm_classification.md"
     pipeline_tag = "image-classification"
@@ -433,6 +435,7 @@ class VLMForTrajectory(_DelegatedGeneration, VLMHeadPreTrainedModel):
 
     config: VLMTrajectoryConfig
     config_class = VLMTrajectoryConfig
+    head_kind = HEAD_TRAJECTORY
     model_card_template = "vlm_trajectory.md"
     pipeline_tag = "robotics"
     model_card_tags = ("autonomous-driving", "trajectory-prediction")

@@ -5,7 +5,8 @@ that `VLMForTrajectory` fills with projected driving features, as the Orion proc
 driving features expands `<scene>` into `num_scene_queries` tokens and `<history>` into `num_history_queries`
 tokens, runs the family's processor and returns its outputs with the feature tensors next to them.
 
-This file ships with the model code: it imports only numpy, tokenizers, transformers and `image_inputs`.
+This file ships with the model code: it imports only numpy, tokenizers, transformers, `image_inputs` and the
+constants.
 """
 
 import numpy as np
@@ -13,10 +14,10 @@ from tokenizers import AddedToken
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
+from ..configuration.constants import PLACEHOLDER_TOKENS
 from .image_inputs import open_images
 
 DRIVING_FEATURES = ("scene_queries", "history_queries", "can_bus")
-DEFAULT_TOKENS = {"scene": "<scene>", "history": "<history>", "can_bus": "<can_bus>", "ego": "<ego_wp>"}
 
 
 def check_query_counts(num_scene_queries: int, num_history_queries: int) -> None:
@@ -29,8 +30,8 @@ def check_query_counts(num_scene_queries: int, num_history_queries: int) -> None
 def add_placeholder_tokens(tokenizer, tokens: dict[str, str]) -> dict[str, int]:
     """Adds the placeholder `tokens` (`scene`, `history`, `can_bus`, `ego` → string) that `tokenizer` lacks, as
     special tokens; returns their ids by kind."""
-    if set(tokens) != set(DEFAULT_TOKENS):
-        raise ValueError(f"tokens must name exactly {sorted(DEFAULT_TOKENS)}, got {sorted(tokens)}.")
+    if set(tokens) != set(PLACEHOLDER_TOKENS):
+        raise ValueError(f"tokens must name exactly {sorted(PLACEHOLDER_TOKENS)}, got {sorted(tokens)}.")
     if len(set(tokens.values())) != len(tokens) or not all(tokens.values()):
         raise ValueError(f"The placeholder tokens must be distinct, non-empty strings, got {tokens}.")
     vocab = tokenizer.get_vocab()
@@ -96,7 +97,7 @@ class DrivingPlaceholders:
         tokens: dict[str, str] | None = None,
     ):
         check_query_counts(num_scene_queries, num_history_queries)
-        tokens = {**DEFAULT_TOKENS, **(tokens or {})}
+        tokens = {**PLACEHOLDER_TOKENS, **(tokens or {})}
         self.processor = processor
         self.num_scene_queries = num_scene_queries
         self.num_history_queries = num_history_queries

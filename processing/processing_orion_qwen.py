@@ -12,6 +12,7 @@ from string import Template
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
+from ..configuration.constants import CAN_BUS_TOKEN, EGO_TOKEN, HISTORY_TOKEN, SCENE_TOKEN
 from ..publishing import SelfContainedCodeMixin
 from .image_inputs import open_images
 from .processing_driving_placeholders import (
@@ -58,10 +59,10 @@ class OrionProcessorMixin(SelfContainedCodeMixin):
         chat_template: str | None = None,
         num_scene_queries: int = 256,
         num_history_queries: int = 256,
-        scene_token: str = "<scene>",
-        history_token: str = "<history>",
-        can_bus_token: str = "<can_bus>",
-        ego_token: str = "<ego_wp>",
+        scene_token: str = SCENE_TOKEN,
+        history_token: str = HISTORY_TOKEN,
+        can_bus_token: str = CAN_BUS_TOKEN,
+        ego_token: str = EGO_TOKEN,
         **kwargs,
     ):
         check_query_counts(num_scene_queries, num_history_queries)
