@@ -1,11 +1,13 @@
 """vlmheads: task models on vision-language models as Hugging Face transformers classes."""
 
-# The ONNX Runtime host (vlmheads.onnx's OnnxVLM) runs on onnxruntime and NumPy alone: without torch, importing
-# vlmheads loads none of the models, so that `import vlmheads.onnx` still works there.
-try:
-    import torch  # noqa: F401
-except ImportError:
-    __all__ = []
-else:
+import importlib.util
+
+__all__: list[str] = []
+
+# The ONNX Runtime host (vlmheads.onnx_export's OnnxVLM) runs on onnxruntime and NumPy alone: without torch, importing
+# vlmheads loads none of the models, so that `import vlmheads.onnx_export` still works there. The repository root is
+# this package, and pytest imports its `__init__.py` once more under the folder's name: only the import as `vlmheads`
+# loads the models, so that the Auto classes map to one set of classes.
+if __name__ == "vlmheads" and importlib.util.find_spec("torch") is not None:
     from ._models import *  # noqa: F403
     from ._models import __all__  # noqa: F401

@@ -12,6 +12,7 @@ This file imports only the standard library, transformers and huggingface_hub: i
 
 import ast
 import importlib.util
+import json
 import numbers
 import re
 import shutil
@@ -22,10 +23,33 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers.utils import FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME, cached_file
 
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from\s+\.+(?:\w+\.)*(\w+)\s+import\b", re.MULTILINE)
 _HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The card's facts, saved next to the weights and read back by `from_pretrained`.
+MODEL_CARD_FACTS = "model_card.json"
+# How data files are named: a path ending so is a file, whatever the Hub id pattern says.
+_DATA_FILE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv", ".tsv", ".txt")
+# `from_pretrained` arguments that say where the card's facts are read from.
+_HUB_FILE_ARGUMENTS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def dataset_name(name: str) -> str:
+    """How a card names a data set: a Hub id as given, a local folder, file or glob by its folder's base name.
+
+    `"team/driving-logs"` stays; `"/data/drive/train-*.parquet"` and `"/data/drive/"` become `"drive"`, and a bare
+    `"train.parquet"` stays a file name: no local path reaches a published card.
+    """
+    path = Path(name)
+    is_path = path.exists() or path.is_absolute() or any(character in name for character in "*?[")
+    if _HUB_REPO_ID.match(name) and not is_path and path.suffix not in _DATA_FILE_SUFFIXES:
+        return name
+    parts = [part for part in path.parts if not any(character in part for character in "*?[")]
+    if parts and (path.is_file() or Path(parts[-1]).suffix in _DATA_FILE_SUFFIXES) and len(parts) > 1:
+        parts = parts[:-1]
+    return Path(*parts).name if parts and Path(*parts).name else name
 
 
 def code_files(module_name: str) -> dict[str, Path]:
@@ -205,7 +229,8 @@ class ModelCardMixin:
         `metrics` maps a row name (e.g. "trained model", "constant-velocity baseline") to metric values; `model_row`
         names the row scored by this model, published as `model-index` evaluation results so that the Hub shows
         them. `datasets`: data set names or Hub ids (the last one is the evaluation set); `hyperparameters`: the
-        training settings; `model_name`: the name in `model-index` (defaults to the class name).
+        training settings; `model_name`: the name in `model-index` (defaults to the class name). Local data paths
+        are recorded by their folder's base name (`dataset_name`).
         """
         facts = self.model_card_facts
         given = {
@@ -213,7 +238,7 @@ class ModelCardMixin:
             "tags": None if tags is None else list(tags),
             "metrics": metrics,
             "model_row": model_row,
-            "datasets": None if datasets is None else list(datasets),
+            "datasets": None if datasets is None else list(dict.fromkeys(map(dataset_name, datasets))),
             "hyperparameters": hyperparameters,
             "base_model": base_model,
             "model_name": model_name,
@@ -234,18 +259,22 @@ class ModelCardMixin:
         """Renders the model card into `save_directory/README.md`, remembering `facts` (see `record_model_card`).
 
         `images` are file names inside `save_directory` to embed; they are remembered with their folder and copied
-        into the folders of later cards. Returns the card's path, or None where no template is available.
+        into the folders of later cards. Returns the card's path, or None where no template is available. The facts
+        are saved beside the card in `model_card.json`, which `from_pretrained` reads back, so that a reloaded model
+        publishes the same card.
         """
         self.record_model_card(**facts)
         save_directory = Path(save_directory)
         if images is not None:
             self.model_card_facts["images"] = [(save_directory / name).resolve() for name in images]
-        if self.model_card_dir is None:
-            return None
         facts = self.model_card_facts
         for image in facts.get("images", []):
             if image.is_file() and not (save_directory / image.name).is_file():
                 shutil.copy(image, save_directory / image.name)
+        saved = {**facts, "images": [image.name for image in facts.get("images", [])]}
+        (save_directory / MODEL_CARD_FACTS).write_text(json.dumps(saved, indent=2, default=str), encoding="utf-8")
+        if self.model_card_dir is None:
+            return None
         metrics = facts.get("metrics", {})
         datasets = facts.get("datasets", [])
         model_name = facts.get("model_name") or type(self).__name__
@@ -300,6 +329,41 @@ class ModelCardMixin:
             self.write_model_card(save_directory)
         return result
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the card's facts from the folder's `model_card.json`, if any."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        where = {name: kwargs[name] for name in _HUB_FILE_ARGUMENTS if name in kwargs}
+        model.restore_model_card(pretrained_model_name_or_path, **where)
+        return loaded
+
+    def restore_model_card(self, pretrained_model_name_or_path: str | Path, **where: Any) -> None:
+        """Remembers the facts of the `model_card.json` saved in a folder or Hub repository (none: nothing to do).
+
+        `where` takes `from_pretrained`'s file arguments (`revision`, `cache_dir`, `local_files_only`, ...).
+        """
+        found = cached_file(
+            pretrained_model_name_or_path, MODEL_CARD_FACTS, _raise_exceptions_for_missing_entries=False, **where
+        )
+        if found is None:
+            return
+        facts = json.loads(Path(found).read_text(encoding="utf-8"))
+        images = [
+            cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False, **where)
+            for name in facts.pop("images", [])
+        ]
+        self.record_model_card(**facts)
+        self.model_card_facts["images"] = [Path(image).resolve() for image in images if image is not None]
+
+    def source_processor(self) -> Any:
+        """The processor saved in the local folder this model was loaded from, or None (no folder, no processor)."""
+        source = Path(self.config.name_or_path or "")
+        processor_files = (source / PROCESSOR_NAME, source / FEATURE_EXTRACTOR_NAME)
+        if not self.config.name_or_path or not any(path.is_file() for path in processor_files):
+            return None
+        return AutoProcessor.from_pretrained(source)
+
     def push_to_hub(
         self,
         repo_id: str,
@@ -314,7 +378,8 @@ class ModelCardMixin:
         tags: list[str] | None = None,
         license: str | None = None,
     ):
-        """Like `PreTrainedModel.push_to_hub`, but uploads this package's model card instead of a generic one."""
+        """Like `PreTrainedModel.push_to_hub`, but uploads this package's model card instead of a generic one, and
+        the processor of the folder the model was loaded from, so that the repository runs as the folder did."""
         if self.model_card_dir is None:
             return super().push_to_hub(
                 repo_id,
@@ -331,6 +396,9 @@ class ModelCardMixin:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
+            processor = self.source_processor()
+            if processor is not None:
+                processor.save_pretrained(folder)
             self.write_model_card(folder, license=license, tags=tags, model_name=repo_id.rsplit("/", 1)[-1])
             return api.upload_folder(
                 repo_id=repo_id,

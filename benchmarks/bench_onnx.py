@@ -1,4 +1,4 @@
-"""ONNX Runtime (`vlmheads.onnx.OnnxVLM`) vs PyTorch eager `generate` on the CPU, on one small random Qwen2-VL.
+"""ONNX Runtime (`vlmheads.onnx_export.OnnxVLM`) vs PyTorch eager `generate` on the CPU, on one small random Qwen2-VL.
 
 The model is built in code with random weights: text hidden 512, 8 layers, 8 attention heads (2 key/value heads,
 as Qwen2-VL-2B uses grouped-query attention), vocabulary 32,000; a small vision tower (depth 4, width 256, 4 heads)
@@ -8,7 +8,7 @@ reads one 448 x 448 image = 1,024 patches = 256 image tokens. The prompt is text
 - decode per token: (median time with N new tokens - prefill) / (N - 1), both with the KV cache;
 - vision: the vision tower alone on the image.
 PyTorch runs `model.generate(..., do_sample=False)`; ONNX Runtime runs `OnnxVLM.generate` on the export of the same
-model (fp32), and again with the dynamically quantized int8 decoder (`vlmheads.onnx.quantize`), whose top-1
+model (fp32), and again with the dynamically quantized int8 decoder (`vlmheads.onnx_export.quantize`), whose top-1
 agreement with the fp32 decoder (teacher-forced, over a fixed prompt set) is printed too.
 
     python benchmarks/bench_onnx.py --threads 2
@@ -28,8 +28,8 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
 from vlmheads.offline.configs import tiny_qwen2_vl_kwargs
-from vlmheads.onnx import OnnxVLM, export_onnx
-from vlmheads.onnx.quantize import int8_vlm, quantize_decoder, token_prompts, top1_agreement
+from vlmheads.onnx_export import OnnxVLM, export_onnx
+from vlmheads.onnx_export.quantize import int8_vlm, quantize_decoder, token_prompts, top1_agreement
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -74,7 +74,7 @@ def run_pipeline(args: BenchmarkArguments, model: Path, prompts: Path, max_activ
         "--standalone",
         f"--nproc-per-node={args.num_stages}",
         "-m",
-        "vlmheads.pipeline",
+        "vlmheads.parallel",
         "--model",
         str(model),
         "--prompts",

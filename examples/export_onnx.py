@@ -1,4 +1,4 @@
-"""Exports a model to ONNX graphs with a manifest, for `vlmheads.onnx.OnnxVLM` (ONNX Runtime, no PyTorch).
+"""Exports a model to ONNX graphs with a manifest, for `vlmheads.onnx_export.OnnxVLM` (ONNX Runtime, no PyTorch).
 
 A saved folder (Orion, a receipt classifier, or a plain Qwen2-VL / Qwen2.5-VL checkpoint), or a tiny random model:
 
@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from vlmheads.offline import tiny_orion_model, tiny_orion_processor
 from vlmheads.offline.receipt import tiny_receipt_model, tiny_receipt_processor
-from vlmheads.onnx import OnnxVLM, export_onnx
+from vlmheads.onnx_export import OnnxVLM, export_onnx
 from vlmheads.registry.vlms import create_vlm, load_processor
 
 TINY = ("qwen2_vl", "qwen2_5_vl", "orion_qwen2_vl", "orion_qwen2_5_vl", "receipt")
@@ -86,7 +86,7 @@ def sample_inputs(model, processor, image_size: tuple[int, int]) -> dict[str, np
 def main() -> None:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses()
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
-    logging.getLogger("vlmheads.onnx").setLevel(logging.INFO)
+    logging.getLogger("vlmheads.onnx_export").setLevel(logging.INFO)
     if len(args.image_size) != 2:
         raise ValueError(f"--image_size takes two numbers, H W; got {args.image_size}.")
     image_size = (args.image_size[0], args.image_size[1])

@@ -1,4 +1,4 @@
-"""`OnnxVLM`: runs an export of `vlmheads.onnx.export_onnx` with ONNX Runtime and NumPy alone (no torch, no
+"""`OnnxVLM`: runs an export of `vlmheads.onnx_export.export_onnx` with ONNX Runtime and NumPy alone (no torch, no
 transformers).
 
 It takes the processor's outputs (`return_tensors="np"`), embeds the tokens with the embedding graph, puts image
@@ -62,7 +62,7 @@ class OnnxVLM:
     `out_dir`: the folder `export_onnx` wrote. `providers`: ONNX Runtime execution providers, e.g.
     `["CUDAExecutionProvider", "CPUExecutionProvider"]` (default: CPU). `session_options`: passed to every session.
     `decoder`: the manifest's decoder graph to run, "decoder" or "decoder_int8" (after
-    `vlmheads.onnx.quantize.quantize_decoder`); only that one is loaded.
+    `vlmheads.onnx_export.quantize.quantize_decoder`); only that one is loaded.
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """Pipeline-parallel generation with torchrun: one process per stage; rank 0 serves HTTP or runs a batch file.
 
-    python -m vlmheads.pipeline prepare --model DIR --stages 2 --out SHARDS
-    torchrun --nproc-per-node 2 -m vlmheads.pipeline --model SHARDS --port 8000
-    torchrun --nproc-per-node 2 -m vlmheads.pipeline --model DIR --prompts in.jsonl --output out.jsonl
+    python -m vlmheads.parallel prepare --model DIR --stages 2 --out SHARDS
+    torchrun --nproc-per-node 2 -m vlmheads.parallel --model SHARDS --port 8000
+    torchrun --nproc-per-node 2 -m vlmheads.parallel --model DIR --prompts in.jsonl --output out.jsonl
 
 Each line of a prompts file is a JSON object with `messages` (a chat, given to the processor's chat template;
 image parts may name files: {"type": "image", "path": "cam.png"}) or `inputs` (a .safetensors file holding the
@@ -44,7 +44,7 @@ def _layer_counts(text: str | None) -> list[int] | None:
 
 
 def parse_prepare_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vlmheads.pipeline prepare", description="Write stage shards.")
+    parser = argparse.ArgumentParser(prog="python -m vlmheads.parallel prepare", description="Write stage shards.")
     parser.add_argument("--model", required=True, help="A saved model folder (with its processor).")
     parser.add_argument("--stages", type=int, required=True)
     parser.add_argument("--layers", default=None, help="Layers per stage, e.g. 3,5 (default: balanced by size).")
@@ -53,7 +53,7 @@ def parse_prepare_args(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_run_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="torchrun ... -m vlmheads.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="torchrun ... -m vlmheads.parallel", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A prepared folder, or a saved model folder.")
     parser.add_argument("--stages", type=int, default=None, help="Must equal the world size (default: it).")
     parser.add_argument("--layers", default=None, help="Layers per stage, e.g. 3,5 (default: balanced by size).")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"The stages disagree on the layers each runs: {layouts}.")
     start, end = plan.layer_ranges[rank]
     print(
-        f"vlmheads.pipeline: stage {rank}/{num_stages} (rank {rank}, pid {os.getpid()}) ready: "
+        f"vlmheads.parallel: stage {rank}/{num_stages} (rank {rank}, pid {os.getpid()}) ready: "
         f"layers {start}-{end - 1}",
         file=sys.stderr,
         flush=True,
@@ -228,7 +228,7 @@ def run_batch(engine: PipelineEngine, prompts: Path, output: Path) -> None:
             file.write(json.dumps(result) + "\n")
     tokens = sum(len(result["token_ids"]) for result in results.values())
     print(
-        f"vlmheads.pipeline: {len(lines)} requests, {tokens} tokens in {seconds:.3f} s: "
+        f"vlmheads.parallel: {len(lines)} requests, {tokens} tokens in {seconds:.3f} s: "
         f"{tokens / seconds:.2f} tokens/s",
         file=sys.stderr,
         flush=True,

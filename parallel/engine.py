@@ -303,4 +303,4 @@ def _emit(on_event: Callable[[TokenEvent], None], event: TokenEvent) -> None:
     try:
         on_event(event)
     except Exception as error:  # noqa: BLE001 - the server's callback is not ours to trust
-        print(f"vlmheads.pipeline: the callback of request {event.request_id!r} raised {error!r}", flush=True)
+        print(f"vlmheads.parallel: the callback of request {event.request_id!r} raised {error!r}", flush=True)

@@ -24,9 +24,12 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from .stages import SamplingSettings, StageModel, TokenSampler
+from safetensors.torch import load, save
 
-HEADER_SIZE = 8
+from ..serve.sampling import RequestSampler, SamplingParams, reduced_seed
+from .stages import StageModel
+
+HEADER_SIZE = 10
 
 
 class Kind(IntEnum):
@@ -35,7 +38,7 @@ class Kind(IntEnum):
     PREFILL = 1
     """A request's prompt: hidden states and positions follow; the header carries the sampling settings."""
     DECODE = 2
-    """A request's next token: hidden states (1, 1, H) follow; its position (the same in all 3 M-RoPE rows) is in
+    """A request's next token: hidden states (1, 1, H) follow; its position (the same in every M-RoPE row) is in
     the header."""
     TOKEN = 3
     """Last stage → stage 0: the token sampled for a request."""
@@ -45,6 +48,14 @@ class Kind(IntEnum):
     """Sent round the ring while the pipeline is idle, so that silence means failure."""
     SHUTDOWN = 6
     """Sent round the ring once; every stage stops after passing it on."""
+    FORWARD = 7
+    """A prompt for the task head (no generation, no cache kept): hidden states, positions and the head's inputs
+    (a tensor blob: `input_ids`, ...) follow."""
+    RESULT = 8
+    """Last stage → stage 0: the task head's output of a FORWARD request, as a tensor blob."""
+    FAILED = 9
+    """A stage could not compute a request: a blob with the error follows. Passed round the ring to stage 0 (every
+    stage on the way drops the request's cache), which answers that request alone."""
 
 
 class StageFailure(RuntimeError):
@@ -59,19 +70,47 @@ def _bits_float(value: int) -> float:
     return float(torch.tensor([value], dtype=torch.int64).view(torch.float64)[0])
 
 
+def _seed_bits(seed: int) -> int:
+    """A seed as the int64 whose bits are its uint64 (`reduced_seed`), so that every seed the sampler takes fits."""
+    reduced = reduced_seed(seed)
+    return reduced - 2**64 if reduced >= 2**63 else reduced
+
+
+def encode_blob(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Named tensors as one uint8 tensor (safetensors bytes), sent after a header that gives its length."""
+    data = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()})
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_blob(blob: torch.Tensor) -> dict[str, torch.Tensor]:
+    return load(blob.cpu().numpy().tobytes())
+
+
+def error_blob(message: str, client_error: bool) -> torch.Tensor:
+    """A request's failure: its message, and whether it is the request's fault (a `ValueError` of the model's
+    input checks), which the server answers with a 400."""
+    text = torch.frombuffer(bytearray(message.encode()), dtype=torch.uint8)
+    return encode_blob({"error": text, "client_error": torch.tensor([int(client_error)])})
+
+
+def blob_error(blob: dict[str, torch.Tensor]) -> tuple[str, bool]:
+    return blob["error"].numpy().tobytes().decode(errors="replace"), bool(blob["client_error"][0])
+
+
 @dataclass
 class Header:
-    """The fixed-size head of every message."""
+    """The fixed-size head of every message; `blob` is the byte length of a tensor blob that follows."""
 
     kind: Kind
     key: int = 0
     length: int = 0
     token: int = 0
-    sampling: SamplingSettings | None = None
+    sampling: SamplingParams | None = None
     position: int = 0
+    blob: int = 0
 
     def encode(self) -> torch.Tensor:
-        sampling = self.sampling or SamplingSettings()
+        sampling = self.sampling or SamplingParams()
         values = [
             int(self.kind),
             self.key,
@@ -79,18 +118,20 @@ class Header:
             self.token,
             _float_bits(sampling.temperature),
             _float_bits(sampling.top_p),
-            sampling.seed,
+            sampling.top_k,
+            _seed_bits(sampling.seed or 0),
             self.position,
+            self.blob,
         ]
         return torch.tensor(values, dtype=torch.int64)
 
     @classmethod
     def decode(cls, values: torch.Tensor) -> Header:
-        kind, key, length, token, temperature, top_p, seed, position = values.tolist()
-        sampling = (
-            SamplingSettings(_bits_float(temperature), _bits_float(top_p), seed) if kind == Kind.PREFILL else None
-        )
-        return cls(Kind(kind), key, length, token, sampling, position)
+        kind, key, length, token, temperature, top_p, top_k, seed, position, blob = values.tolist()
+        sampling = None
+        if kind == Kind.PREFILL:
+            sampling = SamplingParams(_bits_float(temperature), _bits_float(top_p), top_k, reduced_seed(seed))
+        return cls(Kind(kind), key, length, token, sampling, position, blob)
 
 
 class StageLink:
@@ -276,4 +317,4 @@ def run_worker(stage: StageModel, link: StageLink) -> None:
 
 def report_failure(error: BaseException) -> None:
     """Prints why this stage stops, on stderr."""
-    print(f"vlmheads.pipeline: {error}", file=sys.stderr, flush=True)
+    print(f"vlmheads.parallel: {error}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import torch
 from orion_helpers import FAMILIES, camera_image, driving_features, driving_prompt, make_processor, real_vocab_model
 from vlm_helpers import family_batch, tiny_backbone, tiny_processor
 
-from vlmheads.onnx import export_onnx
+from vlmheads.onnx_export import export_onnx
 
 # The tiny processors turn each (small) image into 56 x 56 pixels: 4 image tokens.
 TINY_IMAGE_SIZE = (56, 56)

@@ -70,7 +70,7 @@ def torchrun_command(num_stages: int, *args: str) -> list[str]:
         "--standalone",
         f"--nproc-per-node={num_stages}",
         "-m",
-        "vlmheads.pipeline",
+        "vlmheads.parallel",
         *args,
     ]
 

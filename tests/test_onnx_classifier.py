@@ -9,8 +9,8 @@ import pytest
 import torch
 from receipt_helpers import make_model, make_processor, photo
 
-from vlmheads.onnx.classifier import export_classifier_graph
-from vlmheads.onnx.classifier_runtime import ClassifierRunner
+from vlmheads.onnx_export.classifier import export_classifier_graph
+from vlmheads.onnx_export.classifier_runtime import ClassifierRunner
 
 PROVIDERS = ["CPUExecutionProvider"]
 PIXEL_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
@@ -111,7 +111,7 @@ def test_classifier_runtime_runs_without_torch(processor, exported, tmp_path):
 import json, sys
 sys.modules["torch"] = None
 import numpy as np
-from vlmheads.onnx.classifier_runtime import ClassifierRunner
+from vlmheads.onnx_export.classifier_runtime import ClassifierRunner
 inputs = dict(np.load({str(tmp_path / "inputs.npz")!r}))
 runner = ClassifierRunner({str(out_dir)!r}, json.loads({json.dumps(entry)!r}), {PROVIDERS!r})
 np.save({str(tmp_path / "logits.npy")!r}, runner(**inputs))

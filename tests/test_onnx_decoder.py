@@ -8,8 +8,8 @@ import torch
 from onnx_helpers import ORION, prompt_batch, tiny_export, tiny_model_and_processor, to_numpy
 from orion_helpers import FAMILIES, small_model
 
-from vlmheads.onnx import OnnxVLM, export
-from vlmheads.onnx.mrope import rope_positions
+from vlmheads.onnx_export import OnnxVLM, export
+from vlmheads.onnx_export.mrope import rope_positions
 
 EXPORTS = ["qwen2_vl", "qwen2_5_vl", "orion_qwen2_vl"]
 DECODE_STEPS = 3

@@ -8,9 +8,9 @@ import pytest
 from onnx_helpers import tiny_export
 from receipt_helpers import make_model, make_processor
 
-from vlmheads.onnx import OnnxVLM, export_onnx
-from vlmheads.onnx.manifest import read_manifest
-from vlmheads.onnx.quantize import int8_vlm, quantize_decoder, token_prompts, top1_agreement
+from vlmheads.onnx_export import OnnxVLM, export_onnx
+from vlmheads.onnx_export.manifest import read_manifest
+from vlmheads.onnx_export.quantize import int8_vlm, quantize_decoder, token_prompts, top1_agreement
 
 # The shared tiny export takes about 25 s on one core when no other test has built it yet.
 pytestmark = pytest.mark.slow

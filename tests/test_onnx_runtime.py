@@ -14,7 +14,7 @@ import torch
 from onnx_helpers import prompt_batch, tiny_export, tiny_model_and_processor, to_numpy
 from receipt_helpers import make_model, make_processor, photo
 
-from vlmheads.onnx import FORMAT_VERSION, OnnxVLM, export_onnx
+from vlmheads.onnx_export import FORMAT_VERSION, OnnxVLM, export_onnx
 
 NEW_TOKENS = 32
 
@@ -103,7 +103,7 @@ class BlockTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, BlockTorch())
 import numpy as np
-from vlmheads.onnx import OnnxVLM
+from vlmheads.onnx_export import OnnxVLM
 
 inputs = dict(np.load(sys.argv[2]))
 vlm = OnnxVLM(sys.argv[1])

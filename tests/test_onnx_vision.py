@@ -14,9 +14,9 @@ from transformers import Qwen2VLImageProcessor
 from transformers.vision_utils import get_vision_window_index
 
 from vlmheads.offline.configs import tiny_image_processor_kwargs
-from vlmheads.onnx import vision
-from vlmheads.onnx.vision import export_vision_graph
-from vlmheads.onnx.vision_runtime import VisionEncoder
+from vlmheads.onnx_export import vision
+from vlmheads.onnx_export.vision import export_vision_graph
+from vlmheads.onnx_export.vision_runtime import VisionEncoder
 
 # (H, W): a square image, and a 3 x 6 grid of merged tokens whose 2 x 2 windows do not tile it evenly.
 IMAGE_SIZES = [(112, 112), (84, 168)]
@@ -157,7 +157,7 @@ def test_vision_runtime_runs_without_torch(exported, tmp_path):
 import json, sys
 sys.modules["torch"] = None
 import numpy as np
-from vlmheads.onnx.vision_runtime import VisionEncoder
+from vlmheads.onnx_export.vision_runtime import VisionEncoder
 inputs = np.load({str(tmp_path / "inputs.npz")!r})
 entry = json.loads({json.dumps(entry)!r})
 encoder = VisionEncoder({str(out_dir)!r}, entry, {PROVIDERS!r})

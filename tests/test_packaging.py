@@ -28,8 +28,10 @@ def test_the_wheel_installs_one_import_package_with_its_data(tmp_path):
         "vlmheads/publishing.py",
         "vlmheads/model_cards/orion_qwen.md",
         "vlmheads/offline/public_configs/qwen2_vl_7b_instruct.json",
-        "vlmheads/onnx/runtime.py",
+        "vlmheads/onnx_export/runtime.py",
         "vlmheads/serve/app.py",
-        "vlmheads/pipeline/engine.py",
+        "vlmheads/cli.py",
+        "vlmheads/examples/train_orion.py",
+        "vlmheads/parallel/engine.py",
     ):
         assert expected in names

@@ -1,4 +1,4 @@
-"""vlmheads.pipeline: stage plans and shards, the engine on one stage in-process, and torchrun pipelines of 2 and 3
+"""vlmheads.parallel: stage plans and shards, the engine on one stage in-process, and torchrun pipelines of 2 and 3
 stages (gloo on 127.0.0.1) whose greedy tokens match single-process `generate`, and that fail fast when a stage
 stops answering."""
 
@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 from serve_helpers import camera_data_url, chat_body, free_port, served
 from transformers import MllamaConfig
 
-from vlmheads.pipeline.engine import PipelineEngine
-from vlmheads.pipeline.stages import (
+from vlmheads.parallel.engine import PipelineEngine
+from vlmheads.parallel.stages import (
     StageModel,
     StagePlan,
     balance_layers,

@@ -1,0 +1,5 @@
+"""`python -m vlmheads`: the same as the `vlmheads` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""`vlmheads`: one command line for the package; `vlmheads SUBCOMMAND --help` shows each subcommand's flags.
+
+Each subcommand is the `main` of a module that also runs as `python -m ...` (or as a script under `examples/`), named
+here as a ("module", "function") pair and imported only when chosen, so that `vlmheads --help` starts fast and a
+subcommand needs only its own extra installed.
+"""
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": ("vlmheads.serve.__main__", "main", "the OpenAI-compatible HTTP server (python -m vlmheads.serve)"),
+    "parallel": (
+        "vlmheads.parallel.__main__",
+        "main",
+        "pipeline-parallel inference: `prepare` stage shards, or run a stage under torchrun",
+    ),
+    "export-onnx": ("vlmheads.examples.export_onnx", "main", "export a model to ONNX graphs"),
+    "train-orion": ("vlmheads.examples.train_orion", "main", "fine-tune Orion with the Trainer"),
+    "train-vla": ("vlmheads.examples.train_vla", "main", "fine-tune a VLA action head with the Trainer"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {about}" for name, (_, _, about) in SUBCOMMANDS.items()]
+    return "usage: vlmheads SUBCOMMAND [ARGS...]\n\nsubcommands:\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs `vlmheads SUBCOMMAND ARGS...`: the subcommand's `main` sees `ARGS` as its command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return
+    name, *rest = argv
+    if name not in SUBCOMMANDS:
+        sys.exit(f"vlmheads: unknown subcommand {name!r}.\n{usage()}")
+    module, function, _ = SUBCOMMANDS[name]
+    sys.argv = [f"vlmheads {name}", *rest]
+    getattr(importlib.import_module(module), function)()

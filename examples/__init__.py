@@ -1,0 +1,1 @@
+"""Scripts a user copies: Trainer fine-tuning, ONNX export and demos; `vlmheads SUBCOMMAND` runs some of them."""
