@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .sampling import SamplingParams
+
 
 @dataclass
 class GenerationRequest:
@@ -22,8 +24,10 @@ class GenerationRequest:
         inputs: the processor's outputs for this prompt alone (batch of 1, torch tensors): `input_ids`,
             `attention_mask`, and with images `pixel_values`, `image_grid_thw`, `mm_token_type_ids`.
         max_new_tokens: at most this many tokens are generated (> 0).
-        temperature: 0 decodes greedily; above 0 samples from the softmax of logits / temperature.
+        temperature: 0 decodes greedily; above 0 samples from the softmax of logits / temperature (see
+            `vlmheads.serve.sampling`: the ranges, and the floor that keeps sampling finite).
         top_p: nucleus sampling mass (only when sampling).
+        top_k: keep the k most likely tokens (0: off; only when sampling).
         seed: seeds this request's sampling generator, so a sampled answer can be reproduced.
         stop_token_ids: generation ends after emitting any of these (the eos ids; the server adds none of its own).
     """
@@ -35,6 +39,11 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    top_k: int = 0
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's sampling settings, checked: a `ValueError` names a field outside its range."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
 
 
 @dataclass

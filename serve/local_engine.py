@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
+from .sampling import RequestSampler, SamplingError, sample_rows_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -34,31 +35,13 @@ class _Slot:
 
     request: GenerationRequest
     on_event: EventCallback
-    generator: torch.Generator | None = None
+    sampler: RequestSampler
     cache: DynamicCache | None = None
     cached_tokens: int = 0
     rope_delta: int = 0
     last_token: int = 0
     generated: int = 0
     finished: bool = False
-
-
-def sample_next_tokens(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
-    """Next token of each row of `logits` (B, V): argmax for greedy rows, else softmax(logits / temperature) cut to
-    the top-p mass and sampled with the row's own generator."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, slot in enumerate(slots):
-        request = slot.request
-        if request.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[row].float() / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > request.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=slot.generator))
-    return tokens
 
 
 class LocalEngine(GenerationEngine):
@@ -119,13 +102,7 @@ class LocalEngine(GenerationEngine):
             )
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}.")
-        slot = _Slot(request, on_event)
-        if request.temperature > 0:
-            slot.generator = torch.Generator()
-            if request.seed is None:
-                slot.generator.seed()
-            else:
-                slot.generator.manual_seed(request.seed)
+        slot = _Slot(request, on_event, RequestSampler(request.sampling_params()))
         with self._wakeup:
             if self._closing:
                 raise RuntimeError("The engine is shutting down and accepts no new requests.")
@@ -256,7 +233,7 @@ class LocalEngine(GenerationEngine):
                 )
             slot.cache = cache
             slot.cached_tokens = input_ids.shape[1]
-            (token,) = sample_next_tokens(outputs.logits[:, -1], [slot])
+            token = slot.sampler.sample(outputs.logits[:, -1])
         except Exception as error:
             logger.exception("Prefill of request %s failed.", request.request_id)
             self._finish(slot, None, "error", error=f"{type(error).__name__}: {error}")
@@ -329,7 +306,7 @@ class LocalEngine(GenerationEngine):
                     use_cache=True,
                 )
             self._cache = outputs.cache
-            tokens = sample_next_tokens(outputs.logits[:, -1], rows)
+            tokens = sample_rows_isolated(outputs.logits[:, -1], [slot.sampler for slot in rows])
         except Exception as error:
             logger.exception("A decode step of %d requests failed.", len(rows))
             for slot in rows:
@@ -338,5 +315,10 @@ class LocalEngine(GenerationEngine):
             return
         for slot, token in zip(rows, tokens, strict=True):
             slot.cached_tokens += 1
-            self._accept_token(slot, token)
+            if isinstance(token, SamplingError):
+                # This row alone ends; its batch-mates go on.
+                logger.warning("Sampling request %s failed: %s", slot.request.request_id, token)
+                self._finish(slot, None, "error", error=f"{type(token).__name__}: {token}")
+            else:
+                self._accept_token(slot, token)
         self._drop_rows(set())

@@ -6,8 +6,18 @@ import time
 import pytest
 import torch
 from serve_helpers import camera_image, tiny_parts
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from vlmheads.serve import GenerationRequest, LocalEngine, TokenEvent
+from vlmheads.serve.sampling import (
+    MIN_TEMPERATURE,
+    SEED_MAX,
+    SEED_MIN,
+    RequestSampler,
+    SamplingError,
+    SamplingParams,
+    sample_rows_isolated,
+)
 
 
 class Collector:
@@ -177,3 +187,91 @@ def test_forward_runs_the_whole_model(parts):
         expected = model(**inputs).logits
     assert torch.allclose(engine.forward(inputs).logits, expected)
     engine.close()
+
+
+def test_sampler_floors_tiny_temperatures_and_checks_its_settings():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
+    tiny = RequestSampler(SamplingParams(temperature=2.69e-38, seed=1))
+    assert tiny.params.effective_temperature == MIN_TEMPERATURE
+    # Sampling at the floor stays finite: the drawn tokens are valid ids, almost always the argmax.
+    drawn = [tiny.sample(row) for row in logits for _ in range(5)]
+    assert all(0 <= token < 50 for token in drawn)
+    argmaxes = logits.argmax(dim=-1).repeat_interleave(5).tolist()
+    assert sum(token == best for token, best in zip(drawn, argmaxes, strict=True)) >= 14
+    for seed in (SEED_MIN, SEED_MAX, 2**63):
+        assert 0 <= RequestSampler(SamplingParams(temperature=1.0, seed=seed)).sample(logits[0]) < 50
+    for settings, field in (
+        ({"seed": SEED_MAX + 1}, "seed"),
+        ({"seed": SEED_MIN - 1}, "seed"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**settings)
+
+
+def test_sampler_uses_transformers_warpers_and_per_row_generators():
+    """The warped logits are transformers' temperature, top-k and top-p warpers in generate's order; a seeded row
+    draws the same tokens alone and beside other rows."""
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.7, top_k=10, top_p=0.8, seed=3)
+    expected = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.7)(None, logits[:1])))
+    assert torch.equal(RequestSampler(params).warp(logits[0]), expected)
+    alone = RequestSampler(params)
+    alone_tokens = [alone.sample(logits[2]) for _ in range(6)]
+    batched = [RequestSampler(SamplingParams(temperature=1.0, seed=9)), RequestSampler(SamplingParams()), None, None]
+    batched[2] = RequestSampler(params)
+    batched[3] = RequestSampler(SamplingParams(temperature=1.3))
+    batched_tokens = [sample_rows_isolated(logits, batched)[2] for _ in range(6)]
+    assert batched_tokens == alone_tokens
+    assert sample_rows_isolated(logits, batched)[1] == int(logits[1].argmax())
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(2))
+    logits[1, 4] = float("nan")
+    samplers = [RequestSampler(SamplingParams()), RequestSampler(SamplingParams(temperature=1.0, seed=0))] * 2
+    results = sample_rows_isolated(logits, samplers[:3])
+    assert results[0] == int(logits[0].argmax()) and results[2] == int(logits[2].argmax())
+    assert isinstance(results[1], SamplingError) and "NaN" in str(results[1])
+    with pytest.raises(SamplingError):
+        samplers[0].sample(torch.full((20,), float("-inf")))
+
+
+def test_a_numeric_failure_in_a_decode_step_ends_that_request_alone(parts):
+    """A row whose logits turn NaN in the shared decode step ends with an error event; the other requests of that
+    batch finish with the tokens model.generate gives them. A tiny temperature (2.69e-38) samples on."""
+    model, processor = parts
+    engine = LocalEngine(model, processor)
+    prompts = [chat_inputs(processor, text) for text in ("Poisoned.", "Greedy and fine.", "Tiny temperature.")]
+    expected = reference(model, prompts[1], 10, engine.eos_token_ids)
+    poisoned_row = {"steps": 0}
+
+    def poison_first_row_in_decode(module, args, output):
+        # Decode steps of the full batch of 3 rows: the first row (the first submitted request) turns NaN.
+        if output.shape[0] == 3 and output.shape[1] == 1:
+            poisoned_row["steps"] += 1
+            if poisoned_row["steps"] >= 2:
+                output = output.clone()
+                output[0] = float("nan")
+                return output
+        return output
+
+    handle = model.lm_head.register_forward_hook(poison_first_row_in_decode)
+    try:
+        collector = Collector(3)
+        with engine._wakeup:  # the three requests join the batch together
+            engine.submit(GenerationRequest("poisoned", prompts[0], 10), collector)
+            engine.submit(GenerationRequest("greedy", prompts[1], 10, stop_token_ids=engine.eos_token_ids), collector)
+            engine.submit(GenerationRequest("tiny", prompts[2], 10, temperature=2.69e-38, seed=5), collector)
+        collector.wait()
+    finally:
+        handle.remove()
+        engine.close()
+    assert collector.finish["poisoned"][0] == "error" and "NaN" in collector.finish["poisoned"][1]
+    assert len(collector.tokens.get("poisoned", [])) < 10
+    assert collector.tokens["greedy"] == expected
+    assert collector.finish["tiny"][0] == "length" and len(collector.tokens["tiny"]) == 10
