@@ -114,15 +114,15 @@ async def read_body(request: Request, limits: ServerLimits) -> bytes:
 
 
 def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
-    """`body` validated as `schema`; malformed JSON or a field that breaks the schema is a 400 naming the field."""
+    """`body` validated as `schema` in strict mode (no `true` for an integer, no `"yes"` for a boolean); malformed
+    JSON or a field that breaks the schema is a 400 naming the field. pydantic's own JSON parser bounds what Python's
+    `json` does not: nesting (200 deep), numbers (no 5,000-digit integers) and strings (no lone surrogates)."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"The request body is not valid JSON: {error}.", code="invalid_json") from error
-    try:
-        return schema.model_validate(data)
+        return schema.model_validate_json(body, strict=True)
     except ValidationError as error:
         first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            raise APIError(400, f"The request body is not valid JSON: {first['msg']}.", code="invalid_json") from error
         param = ".".join(str(part) for part in first["loc"]) or None
         raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from error
 
@@ -295,6 +295,13 @@ class CancellingStreamingResponse(StreamingResponse):
             self.on_close()
 
 
+def generation_error(event: TokenEvent) -> APIError:
+    """The error of a request whose generation ended with an error event: a 400 when it was the request's own fault
+    (`event.client_error`), else a 500."""
+    status = 400 if event.client_error else 500
+    return APIError(status, f"Generation failed: {event.error}", code="generation_failed")
+
+
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     data = dump(payload, exclude_none=False) if isinstance(payload, BaseModel) else payload
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
@@ -414,6 +421,7 @@ class Server:
             max_new_tokens=limit if limit is not None else max_context - prompt_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
+            top_k=body.top_k,
             seed=body.seed,
             stop_token_ids=self.stop_token_ids,
         )
@@ -450,7 +458,7 @@ class Server:
             event = await stream.next_event(request)
             text.push(event.token_id, final=event.finish_reason is not None)
             if event.finish_reason == "error":
-                raise APIError(500, f"Generation failed: {event.error}", code="generation_failed")
+                raise generation_error(event)
             if text.stopped:
                 return "stop"
             if event.finish_reason is not None:
@@ -480,10 +488,9 @@ class Server:
             if delta:
                 yield chunk(DeltaMessage(content=delta))
             if event.finish_reason == "error":
-                error = ErrorInfo(
-                    message=f"Generation failed: {event.error}", type="internal_server_error", code="generation_failed"
-                )
-                yield sse(ErrorResponse(error=error))
+                error = generation_error(event)
+                info = ErrorInfo(message=error.message, type=error.kind, code=error.code)
+                yield sse(ErrorResponse(error=info))
                 yield "data: [DONE]\n\n"
                 return
             if text.stopped:
@@ -510,6 +517,9 @@ class Server:
             return await run_in_threadpool(self.engine.forward, inputs)
         except NotImplementedError as error:
             raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
+        except ValueError as error:
+            # The model's input checks (e.g. "can_bus contains NaN or inf values.") are the request's fault.
+            raise APIError(400, str(error), code="invalid_value") from error
 
     # ---- /v1/trajectory --------------------------------------------------------------------------------------
 

@@ -52,12 +52,15 @@ class TokenEvent:
 
     `finish_reason` is None while the request runs, then "stop" (a stop token), "length" (max_new_tokens),
     "abort" (cancelled) or "error" (with `error` set); the event that carries a finish_reason is the last.
+    `client_error` marks an error that is the request's own fault (its inputs failed the model's checks, or its
+    logits could not be sampled): the server answers it with a 400.
     """
 
     request_id: str
     token_id: int | None
     finish_reason: str | None = None
     error: str | None = None
+    client_error: bool = False
 
 
 class GenerationEngine(abc.ABC):

@@ -180,13 +180,19 @@ class LocalEngine(GenerationEngine):
         except Exception:
             logger.exception("The event callback of request %s failed.", slot.request.request_id)
 
-    def _finish(self, slot: _Slot, token: int | None, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, slot: _Slot, token: int | None, reason: str, error: Exception | None = None, client_error: bool = False
+    ) -> None:
         slot.finished = True
         slot.cache = None
         with self._wakeup:
             self._known_ids.discard(slot.request.request_id)
             self._cancelled.discard(slot.request.request_id)
-        self._emit(slot, TokenEvent(slot.request.request_id, token, finish_reason=reason, error=error))
+        event = TokenEvent(slot.request.request_id, token, finish_reason=reason)
+        if error is not None:
+            event.error = f"{type(error).__name__}: {error}"
+            event.client_error = client_error
+        self._emit(slot, event)
 
     def _accept_token(self, slot: _Slot, token: int) -> None:
         """Emits `token`, ending the request on a stop token or at max_new_tokens."""
@@ -236,7 +242,8 @@ class LocalEngine(GenerationEngine):
             token = slot.sampler.sample(outputs.logits[:, -1])
         except Exception as error:
             logger.exception("Prefill of request %s failed.", request.request_id)
-            self._finish(slot, None, "error", error=f"{type(error).__name__}: {error}")
+            # The model's input checks raise ValueError for what the request itself got wrong.
+            self._finish(slot, None, "error", error=error, client_error=isinstance(error, ValueError))
             return False
         self._accept_token(slot, token)
         return not slot.finished
@@ -310,7 +317,7 @@ class LocalEngine(GenerationEngine):
         except Exception as error:
             logger.exception("A decode step of %d requests failed.", len(rows))
             for slot in rows:
-                self._finish(slot, None, "error", error=f"{type(error).__name__}: {error}")
+                self._finish(slot, None, "error", error=error)
             self._rows, self._cache, self._mask = [], None, None
             return
         for slot, token in zip(rows, tokens, strict=True):
@@ -318,7 +325,7 @@ class LocalEngine(GenerationEngine):
             if isinstance(token, SamplingError):
                 # This row alone ends; its batch-mates go on.
                 logger.warning("Sampling request %s failed: %s", slot.request.request_id, token)
-                self._finish(slot, None, "error", error=f"{type(token).__name__}: {token}")
+                self._finish(slot, None, "error", error=token, client_error=True)
             else:
                 self._accept_token(slot, token)
         self._drop_rows(set())

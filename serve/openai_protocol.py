@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .sampling import MAX_TEMPERATURE, SEED_MAX, SEED_MIN
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -62,7 +64,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """What `POST /v1/chat/completions` reads; other OpenAI fields are accepted and ignored."""
+    """What `POST /v1/chat/completions` reads; other OpenAI fields are accepted and ignored. Bodies are validated
+    in strict mode (`parse_body`): `max_tokens: true` or `stream: "yes"` are refused, not coerced."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -70,9 +73,11 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    # Temperatures in (0, 0.01) sample at 0.01 (see vlmheads.serve.sampling).
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, description="vLLM's extra: keep the k most likely tokens (0: off).")
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
