@@ -22,12 +22,13 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModel, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoModel, HfArgumentParser, TrainingArguments, set_seed
 
 from vlmheads.data.manipulation import BACKGROUND, load_lerobot_episodes, synthetic_manipulation_dataset
 from vlmheads.modeling.modeling_vla import VLAForActionPrediction
 from vlmheads.processing.collator_vla import VLADataCollator
 from vlmheads.registry.vlms import create_vlm, load_processor, resolve_vlm
+from vlmheads.training.cards import ModelCardTrainer
 from vlmheads.training.vla import (
     ActionMetrics,
     action_errors,
@@ -153,7 +154,7 @@ def main() -> None:
     freeze(model, vision=model_args.freeze_vision, projector=model_args.freeze_vision)
     trained = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_r) if model_args.lora else model
     collator = VLADataCollator.for_model(processor, model.config)
-    trainer = Trainer(
+    trainer = ModelCardTrainer(
         model=trained,
         args=training_args,
         train_dataset=train_dataset,
@@ -182,7 +183,8 @@ def main() -> None:
     output_dir = Path(training_args.output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    model.write_model_card(output_dir, metrics=table)
+    datasets = [*(data_args.train_files or []), *(data_args.eval_files or [])] or ["synthetic manipulation set"]
+    model.write_model_card(output_dir, metrics=table, model_row="trained model", datasets=datasets)
     reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).to(model.device)
     records = [eval_dataset[index] for index in range(min(8, len(eval_dataset)))]
     before = predict_dataset_actions(model, collator, records)
@@ -190,6 +192,9 @@ def main() -> None:
     if not np.allclose(before, after, atol=1e-5):
         raise RuntimeError("The reloaded model does not act like the trained one.")
     print(f"\nSaved to {output_dir}; reloaded with AutoModel: same actions.")
+    if training_args.push_to_hub:
+        trainer.model = model  # the merged model when trained with LoRA
+        trainer.push_to_hub()  # the vlmheads card above, not the Trainer's generic one
 
 
 if __name__ == "__main__":

@@ -88,12 +88,14 @@ class ModelCardTrainer(Trainer):
             dataset=dataset,
             dataset_args=dataset_args,
         )
+        # The Trainer names the evaluation set by its builder, which a `Dataset.from_dict` lacks (None).
         datasets = summary.dataset_tags or summary.dataset
+        datasets = [name for name in ([datasets] if isinstance(datasets, str) else datasets or []) if name]
         model.write_model_card(
             self.args.output_dir,
             license=summary.license,
             tags=summary.tags,
-            datasets=([datasets] if isinstance(datasets, str) else datasets) or None,
+            datasets=datasets or None,
             hyperparameters=summary.hyperparameters,
             base_model=finetuned_from,
             model_name=summary.model_name or None,
