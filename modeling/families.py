@@ -328,6 +328,17 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
 }
 
 
+def registry_names() -> dict[str, tuple[VLMFamily, str]]:
+    """Every name the registry takes, the family names and the model names (e.g. `"qwen2-vl-7b"`) → the family
+    and the checkpoint that name loads."""
+    names = {}
+    for family in VLM_FAMILIES.values():
+        names[family.name] = (family, family.checkpoint)
+        for name, checkpoint in family.checkpoints.items():
+            names[name] = (family, checkpoint)
+    return names
+
+
 def vlm_family(name_or_model_type: str) -> VLMFamily:
     """The family registered under a name or a `model_type`; raises a `ValueError` listing the known ones."""
     if name_or_model_type in VLM_FAMILIES:

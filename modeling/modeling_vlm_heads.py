@@ -23,7 +23,7 @@ from ..configuration.constants import HEAD_CLASSIFICATION, HEAD_TRAJECTORY
 from ..processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
 from ..processing.pipeline_vlm_classification import VLMImageClassificationPipeline
 from ..publishing import ModelCardMixin, SelfContainedCodeMixin
-from .families import VLM_FAMILIES, VLMFamily, family_of, get_module
+from .families import POSITIONS_MROPE, VLMFamily, family_of, get_module, registry_names
 from .heads import (
     ClassificationHead,
     DrivingEmbeddings,
@@ -36,6 +36,7 @@ from .heads import (
     trajectory_decoder,
     waypoint_loss,
 )
+from .positions import ROPE_INPUTS, mrope_positions
 
 
 class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedCodeMixin, PreTrainedModel):
@@ -132,19 +133,13 @@ class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedCodeMixin, PreTrainedM
 
 def _checkpoint_of(name: str) -> str:
     """A registry name's default checkpoint; anything else is taken as a checkpoint already."""
-    for family in VLM_FAMILIES.values():
-        if name == family.name:
-            return family.checkpoint
-        if name in family.checkpoints:
-            return family.checkpoints[name]
+    names = registry_names()
+    if name in names:
+        return names[name][1]
     if not os.path.isdir(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        known = sorted(
-            {family.name for family in VLM_FAMILIES.values()}
-            | {checkpoint for family in VLM_FAMILIES.values() for checkpoint in family.checkpoints}
-        )
         raise ValueError(
             f"backbone {name!r} is neither a registry name, a folder nor a Hub id (owner/name); known names: "
-            f"{', '.join(known)}."
+            f"{', '.join(sorted(names))}."
         )
     return name
 
@@ -225,20 +220,10 @@ def image_features(
 
 
 def _position_ids(backbone: PreTrainedModel, input_ids: torch.LongTensor, inputs: dict) -> torch.Tensor | None:
-    """Position ids of families that compute them from the token ids (Qwen's M-RoPE, `get_rope_index`), or None."""
-    model = backbone.model
-    if not hasattr(model, "get_rope_index") or inputs.get("position_ids") is not None:
+    """Position ids of families that compute them from the token ids (M-RoPE, `mrope_positions`), or None."""
+    if family_of(backbone.config).positions != POSITIONS_MROPE or inputs.get("position_ids") is not None:
         return inputs.get("position_ids")
-    token_types = inputs.get("mm_token_type_ids")
-    if token_types is None:
-        if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
-            raise ValueError("Images and videos need mm_token_type_ids (the processor returns them) for M-RoPE.")
-        token_types = torch.zeros_like(input_ids)
-    grids = {name: inputs.get(name) for name in ("image_grid_thw", "video_grid_thw") if inputs.get(name) is not None}
-    position_ids, _ = model.get_rope_index(
-        input_ids, mm_token_type_ids=token_types, attention_mask=inputs.get("attention_mask"), **grids
-    )
-    return position_ids
+    return mrope_positions(backbone, input_ids, **{name: inputs.get(name) for name in ROPE_INPUTS})[0]
 
 
 def sequence_states(

@@ -21,7 +21,7 @@ from transformers import (
     ProcessorMixin,
 )
 
-from ..modeling.families import VLM_FAMILIES, VLMFamily, family_of
+from ..modeling.families import VLM_FAMILIES, VLMFamily, family_of, registry_names
 from ..modeling.modeling_vlm_heads import image_features
 from ..processing.image_inputs import open_image
 
@@ -47,8 +47,9 @@ def register_vlm(
 
     `tiny_processor()` and `tiny_config(processor, **overrides)` build it offline for `tiny=True`.
     """
+    known = registry_names()
     names = {family.name, *family.checkpoints}
-    taken = sorted(name for name in names if name in _name_index() and _name_index()[name][0].name != family.name)
+    taken = sorted(name for name in names if name in known and known[name][0].name != family.name)
     if family.name in VLM_FAMILIES and not overwrite:
         raise ValueError(f"A VLM family named {family.name!r} is registered already; pass overwrite=True to replace.")
     if taken:
@@ -61,23 +62,14 @@ def register_vlm(
         _TINY_BUILDERS[family.name] = TinyBuilders(tiny_processor, tiny_config)
 
 
-def _name_index() -> dict[str, tuple[VLMFamily, str]]:
-    index = {}
-    for family in VLM_FAMILIES.values():
-        index[family.name] = (family, family.checkpoint)
-        for name, checkpoint in family.checkpoints.items():
-            index[name] = (family, checkpoint)
-    return index
-
-
 def list_vlms() -> list[str]:
     """Every name `create_vlm` takes: the family names and the model names (e.g. `"qwen2-vl-7b"`)."""
-    return sorted(_name_index())
+    return sorted(registry_names())
 
 
 def resolve_vlm(name: str) -> tuple[VLMFamily, str]:
     """The family a registry name belongs to, and the checkpoint it loads by default."""
-    index = _name_index()
+    index = registry_names()
     if not isinstance(name, str) or name not in index:
         raise ValueError(f"Unknown VLM {name!r}; known names: {', '.join(sorted(index))}.")
     return index[name]
