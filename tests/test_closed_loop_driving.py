@@ -1,0 +1,249 @@
+"""Closed-loop driving in highway-env: scenarios, records, controller, metrics, JSON contract and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from highway_env.road.road import Road, RoadNetwork
+from highway_env.vehicle.kinematics import Vehicle
+from transformers import Qwen2VLConfig
+
+from vlmheads.closed_loop._headless import SIM_EXTRA_HINT, import_simulator
+from vlmheads.closed_loop.control import WaypointController, point_along
+from vlmheads.closed_loop.driving import (
+    EVALUATION_SEEDS,
+    TRAINING_SEEDS,
+    VALIDATION_SEEDS,
+    collect,
+    drive_episode,
+    evaluate,
+    main,
+)
+from vlmheads.closed_loop.driving_env import (
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    SCENARIOS,
+    DrivenVehicle,
+    get_scenario,
+    make_env,
+)
+from vlmheads.closed_loop.driving_metrics import (
+    COLLISION_PENALTY,
+    OFF_ROAD_PENALTY,
+    EpisodeOutcome,
+    aggregate,
+)
+from vlmheads.closed_loop.driving_policies import (
+    ConstantVelocityPolicy,
+    ExpertPolicy,
+    TrajectoryModelPolicy,
+)
+from vlmheads.closed_loop.driving_records import (
+    COMMANDS,
+    NUM_HISTORY_QUERIES,
+    NUM_SCENE_QUERIES,
+    future_waypoints,
+    to_ego_frame,
+)
+from vlmheads.data.driving import load_driving_dataset
+from vlmheads.offline import tiny_orion_model, tiny_orion_processor
+from vlmheads.processing.collator_orion_qwen import OrionDataCollator
+
+
+class RecordingPolicy:
+    """Constant velocity that also keeps what it was given, to check the observations."""
+
+    name, needs_image = "recording", True
+
+    def __init__(self):
+        self.observations = []
+        self.inner = ConstantVelocityPolicy()
+
+    def reset(self, seed: int) -> None:
+        self.observations.clear()
+
+    def plan(self, observation, ego):
+        self.observations.append(observation)
+        return self.inner.plan(observation, ego)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_each_scenario_drives_a_few_steps(name):
+    env, policy = make_env(get_scenario(name)), RecordingPolicy()
+    rollout = drive_episode(env, name, EVALUATION_SEEDS.start, policy, max_steps=6)
+    assert isinstance(env.vehicle, DrivenVehicle) and env.vehicle in env.road.vehicles
+    assert len(policy.observations) == rollout.outcome.duration_s * 4 == 6
+    observation = policy.observations[-1]
+    frame = np.asarray(observation["images"][0])
+    assert frame.shape == (IMAGE_HEIGHT, IMAGE_WIDTH, 3) and frame.std() > 5, "the frame must show the road"
+    assert observation["scene_queries"].shape == (NUM_SCENE_QUERIES, 256)
+    assert observation["scene_queries"][0, 1] == 1.0, "row 0 is the route"
+    assert observation["history_queries"][0, 0] == 1.0, "0.5 s of history exists after 6 steps"
+    assert observation["command"] in range(len(COMMANDS))
+    assert rollout.outcome.distance_m > 5.0 and 0.0 < rollout.outcome.route_completion < 1.0
+
+
+def test_the_merge_and_roundabout_rewards_do_not_stop_a_continuous_action():
+    # Their own rewards raise ValueError under ContinuousAction; ours are replaced.
+    for name in ("merge", "roundabout"):
+        env = make_env(get_scenario(name))
+        env.reset(seed=0)
+        env.step(np.zeros(2))
+
+
+def test_a_missing_simulator_names_the_sim_extra():
+    with pytest.raises(ImportError, match="vlmheads\\[sim\\]") as error:
+        import_simulator("no_such_simulator_package")
+    assert SIM_EXTRA_HINT in str(error.value)
+
+
+def test_ego_frame_and_future_waypoints():
+    heading = np.pi / 2  # driving along +y
+    assert np.allclose(to_ego_frame([[0.0, 5.0], [-3.0, 0.0]], np.zeros(2), heading), [[5.0, 0.0], [0.0, 3.0]])
+    poses = [(np.array([0.0, 2.5 * step]), heading) for step in range(20)]  # 10 m/s at 4 Hz
+    waypoints = future_waypoints(poses, step=3)
+    assert np.allclose(waypoints, [[5.0 * k, 0.0] for k in range(1, 7)], atol=1e-5)
+    assert future_waypoints(poses, step=8) is None, "the last waypoint would lie past the episode"
+
+
+def test_point_along_a_path():
+    path = np.array([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]])
+    assert np.allclose(point_along(path, 5.0), [3.0, 2.0])
+    assert np.allclose(point_along(path, 9.0), [3.0, 6.0]), "extended past the end along the last segment"
+
+
+def test_the_controller_tracks_a_circular_path():
+    """Pure pursuit + PID drive a highway-env car onto a 40 m-radius circle at 12 m/s, from 1 m off it at 8 m/s."""
+    radius, speed, dt = 40.0, 12.0, 0.25
+    road = Road(RoadNetwork.straight_road_network(1), np_random=np.random.RandomState(0))
+    car = Vehicle(road, [0.0, -1.0], heading=0.0, speed=8.0)
+    controller = WaypointController(dt=dt)
+    centre = np.array([0.0, radius])  # counter-clockwise: a left turn
+    errors, speeds = [], []
+    for _ in range(80):
+        angle = np.arctan2(car.position[1] - centre[1], car.position[0] - centre[0])
+        future = angle + speed * np.arange(1, 7) * 0.5 / radius
+        path = centre + radius * np.stack([np.cos(future), np.sin(future)], axis=-1)
+        acceleration, steering = controller(to_ego_frame(path, car.position, car.heading), car.speed)
+        car.act({"acceleration": acceleration * 5.0, "steering": steering * np.pi / 4})
+        for _ in range(2):
+            car.step(dt / 2)
+        errors.append(abs(np.linalg.norm(car.position - centre) - radius))
+        speeds.append(car.speed)
+    assert max(errors[40:]) < 0.3, f"cross-track error {max(errors[40:]):.2f} m"
+    assert abs(np.mean(speeds[40:]) - speed) < 0.3
+    assert errors[-1] < errors[0]
+
+
+def test_the_controller_steers_towards_the_waypoints_and_refuses_bad_ones():
+    controller = WaypointController(dt=0.25)
+    left = np.stack([np.arange(1, 7) * 5.0, np.linspace(0.5, 4.0, 6)], axis=-1)
+    assert controller(left, 10.0)[1] > 0 > controller(left * [1, -1], 10.0)[1]
+    with pytest.raises(ValueError, match="waypoints must be a finite"):
+        controller(np.full((6, 2), np.nan), 10.0)
+
+
+def test_driving_score_and_aggregates_of_hand_made_outcomes():
+    def outcome(collision=False, off_road=0, completion=1.0):
+        return EpisodeOutcome("highway", 0, collision, off_road, completion, 100.0, 20.0, 10.0)
+
+    clean, crash, wander = outcome(), outcome(collision=True, completion=0.5), outcome(off_road=2)
+    assert clean.success and not crash.success and not wander.success
+    assert crash.driving_score == pytest.approx(0.5 * COLLISION_PENALTY)
+    assert wander.driving_score == pytest.approx(OFF_ROAD_PENALTY**2)
+    figures = aggregate([clean, crash, wander, outcome(completion=0.8)])
+    assert figures["collision_rate"] == pytest.approx(0.25)
+    assert figures["success_rate"] == pytest.approx(0.25)
+    assert figures["route_completion"] == pytest.approx((1 + 0.5 + 1 + 0.8) / 4)
+    assert figures["driving_score"] == pytest.approx((1 + 0.3 + 0.4225 + 0.8) / 4)
+    with pytest.raises(ValueError, match="route_completion"):
+        outcome(completion=1.5)
+    with pytest.raises(ValueError, match="No episodes"):
+        aggregate([])
+
+
+@pytest.mark.slow
+def test_collected_records_follow_the_driving_schema_and_train_a_model(tmp_path):
+    (path,) = collect("intersection", 1, VALIDATION_SEEDS.start, tmp_path)
+    assert path.parent.name == "validation" and path.suffix == ".parquet"
+    records = load_driving_dataset(str(path))  # checks every record against the schema
+    assert len(records) >= 5
+    record = records[0]
+    assert np.shape(record["scene_queries"]) == (NUM_SCENE_QUERIES, 256)
+    assert np.shape(record["history_queries"]) == (NUM_HISTORY_QUERIES, 256)
+    assert len(record["can_bus"]) == 89 and record["can_bus"][0] > 1.0, "CAN bus 0 is the speed"
+    assert record["images"][0].size == (IMAGE_WIDTH, IMAGE_HEIGHT)
+    # The expert drives forwards: the waypoints lie ahead, further each half second.
+    assert (np.diff(np.asarray(record["ego_waypoints"])[:, 0]) > 0).all()
+
+    processor = tiny_orion_processor(num_scene_queries=NUM_SCENE_QUERIES, num_history_queries=NUM_HISTORY_QUERIES)
+    model = tiny_orion_model(processor, num_modes=len(COMMANDS))
+    batch = OrionDataCollator(processor, with_answers=False)([records[index] for index in range(3)])
+    output = model.train()(**batch)
+    assert output.trajectory.shape == (3, 6, 2) and torch.isfinite(output.loss)
+    assert batch["command"].tolist() == [records[index]["command"] for index in range(3)]
+
+    # The policy plans through the model's pipeline with the same prompt tokens the collator trained on.
+    policy = TrajectoryModelPolicy(model.eval(), processor)
+    sample = {name: record[name] for name in ("images", "scene_queries", "history_queries", "can_bus", "command")}
+    piped = policy.planner.preprocess(sample)
+    single = OrionDataCollator(processor, with_answers=False)([record])
+    assert piped["input_ids"].tolist() == single["input_ids"].tolist()
+    assert policy.plan(record, None).shape == (6, 2)
+
+
+def test_collection_and_evaluation_seeds_are_disjoint(tmp_path):
+    assert not set(TRAINING_SEEDS) & set(EVALUATION_SEEDS) and not set(VALIDATION_SEEDS) & set(EVALUATION_SEEDS)
+    with pytest.raises(ValueError, match="Demonstration seeds"):
+        collect("highway", 2, EVALUATION_SEEDS.start, tmp_path)
+    with pytest.raises(ValueError, match="Evaluation seeds"):
+        evaluate("expert", "highway", 1, TRAINING_SEEDS.start, tmp_path / "figures.json")
+    with pytest.raises(ValueError, match="seeds"):
+        collect("highway", 2, VALIDATION_SEEDS.start - 1, tmp_path)  # straddles two splits
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("scenario", "episodes", "message"),
+    [("motorway", 1, "Unknown driving scenario 'motorway'"), ("highway", 0, "episodes must be a positive")],
+)
+def test_bad_scenario_or_episode_count_writes_nothing(tmp_path, scenario, episodes, message):
+    with pytest.raises(ValueError, match=message):
+        collect(scenario, episodes, 0, tmp_path / "records")
+    with pytest.raises(ValueError, match=message):
+        main(
+            ["evaluate", "--model", "expert", "--scenario", scenario, "--episodes", str(episodes)]
+            + ["--json", str(tmp_path / "figures.json")]
+        )
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_folder_that_is_not_a_trajectory_model_is_refused(tmp_path):
+    Qwen2VLConfig().save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a trajectory model"):
+        evaluate(str(tmp_path / "plain"), "highway", 1, EVALUATION_SEEDS.start, tmp_path / "figures.json")
+    with pytest.raises(ValueError, match="not a model folder"):
+        evaluate(str(tmp_path / "nothing"), "highway", 1, EVALUATION_SEEDS.start, tmp_path / "figures.json")
+    assert not (tmp_path / "figures.json").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_json_contract(tmp_path, capsys):
+    path = tmp_path / "figures.json"
+    main(["evaluate", "--model", "expert", "--scenario", "intersection", "--episodes", "1", "--json", str(path)])
+    figures = json.loads(path.read_text())
+    for name in ("collision_rate", "success_rate", "route_completion", "driving_score"):
+        assert 0.0 <= figures[name] <= 1.0
+    assert figures["num_episodes"] == len(figures["episodes"]) == 1
+    episode = figures["episodes"][0]
+    assert episode["seed"] == EVALUATION_SEEDS.start and episode["scenario"] == "intersection"
+    assert {"collision", "off_road_events", "route_completion", "distance_m", "mean_speed"} <= set(episode)
+    assert figures["driving_score"] == pytest.approx(episode["driving_score"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == "expert"
+
+
+def test_the_expert_completes_an_intersection_route():
+    env = make_env(get_scenario("intersection"))
+    expert = drive_episode(env, "intersection", EVALUATION_SEEDS.start, ExpertPolicy()).outcome
+    assert expert.route_completion == 1.0 and not expert.collision and expert.success
