@@ -18,6 +18,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "export-onnx": ("vlmheads.examples.export_onnx", "main", "export a model to ONNX graphs"),
     "train-orion": ("vlmheads.examples.train_orion", "main", "fine-tune Orion with the Trainer"),
     "train-vla": ("vlmheads.examples.train_vla", "main", "fine-tune a VLA action head with the Trainer"),
+    "manipulate": (
+        "vlmheads.closed_loop.manipulation",
+        "main",
+        "Meta-World closed loop: `collect` expert demonstrations, `evaluate` a policy's task success",
+    ),
 }
 
 

@@ -158,12 +158,13 @@ def _episode_frames(task: str, seed: int, observation: str, max_steps: int, acti
     expert = ExpertPolicy()
     episode = MetaWorldEpisode(task, seed, observation, max_steps)
     generator = np.random.default_rng(seed)
-    columns = {IMAGE_KEY: [], "observation.state": [], "action": [], "next.success": []}
+    columns = {IMAGE_KEY: [], "action": [], "next.success": []}
     with FrameRenderer(episode) as renderer:
         try:
             while episode.steps < max_steps and not episode.success:
                 columns[IMAGE_KEY].append(renderer.frame(episode))
-                columns["observation.state"].append(episode.state.tolist())
+                if OBSERVATIONS[observation]:
+                    columns.setdefault("observation.state", []).append(episode.state.tolist())
                 action = expert.act([Observation(episode, None)])[0, 0]
                 columns["action"].append(action.tolist())
                 noisy = action + generator.normal(0.0, action_noise, size=ACTION_DIM) if action_noise else action
@@ -201,7 +202,6 @@ def collect(
     features = datasets.Features(
         {
             IMAGE_KEY: datasets.Image(),
-            "observation.state": datasets.List(datasets.Value("float32"), length=OBSERVATIONS[observation]),
             "action": datasets.List(datasets.Value("float32"), length=ACTION_DIM),
             "next.success": datasets.Value("bool"),
             "timestamp": datasets.Value("float32"),
@@ -212,6 +212,8 @@ def collect(
             "task": datasets.Value("string"),
         }
     )
+    if OBSERVATIONS[observation]:
+        features["observation.state"] = datasets.List(datasets.Value("float32"), length=OBSERVATIONS[observation])
     listed, total, successes = [], 0, 0
     try:
         (staging / DATA_FOLDER).mkdir(parents=True)
@@ -281,11 +283,12 @@ def _write_meta(
         "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
         "features": {
             IMAGE_KEY: {"dtype": "image", "shape": [IMAGE_SIZE, IMAGE_SIZE, 3], "names": ["height", "width", "rgb"]},
-            "observation.state": {"dtype": "float32", "shape": [OBSERVATIONS[observation]]},
             "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "gripper"]},
         },
         "metaworld": {"tasks": tasks, "observation": observation, "action_noise": noise, "first_seed": seed},
     }
+    if OBSERVATIONS[observation]:
+        info["features"]["observation.state"] = {"dtype": "float32", "shape": [OBSERVATIONS[observation]]}
     (meta / "info.json").write_text(json.dumps(info, indent=2))
     lines = [json.dumps({"task_index": index, "task": INSTRUCTIONS[task]}) for index, task in enumerate(tasks)]
     (meta / "tasks.jsonl").write_text("\n".join(lines) + "\n")

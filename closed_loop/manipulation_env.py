@@ -7,6 +7,7 @@ same seed always gives the same scene. Its `state` is one of two observation set
 |---|---|---|
 | `"full"` | hand xyz, gripper opening, objects (xyz + quaternion, padded to 14), goal xyz: 21 values | in the state |
 | `"image-goal"` | the same without the goal: 18 values (Meta-World's partially observable default) | image only |
+| `"image"` | none: the camera image alone (the `"tokens"` head reads no state, as RT-2) | image only |
 
 Frames are rendered without shadows, reflections or multisampling: through software EGL this takes a 64-pixel frame
 from about 125 ms to about 11 ms, and it does not hide the goal marker.
@@ -36,7 +37,7 @@ INSTRUCTIONS = {
 # pull a handle, swing a door) and the scripted expert solves each in 40-100 steps.
 DEFAULT_TASKS = ("reach-v3", "button-press-topdown-v3", "push-v3", "drawer-open-v3", "door-open-v3")
 # Observation setting -> width of the state the policy reads.
-OBSERVATIONS = {"full": 21, "image-goal": 18}
+OBSERVATIONS = {"full": 21, "image-goal": 18, "image": 0}
 DEFAULT_OBSERVATION = "image-goal"
 ACTION_DIM = 4
 CAMERA = "corner"
@@ -89,7 +90,9 @@ class MetaWorldEpisode:
 
     @property
     def state(self) -> np.ndarray:
-        """(S,) float32: S = 21 with the goal (`"full"`), 18 without (`"image-goal"`)."""
+        """(S,) float32: S = 21 with the goal (`"full"`), 18 without (`"image-goal"`), 0 (`"image"`)."""
+        if not OBSERVATIONS[self.observation]:
+            return np.zeros(0, dtype=np.float32)
         parts = [self.env_observation[_CURRENT]]
         if self.observation == "full":
             parts.append(self.env_observation[_GOAL])

@@ -90,8 +90,10 @@ class ModelPolicy:
             image = observation.image
             if self.blind:
                 image = Image.new("RGB", image.size, BACKGROUND)
-            state = observation.episode.state
-            records.append({"images": [image], "instruction": observation.episode.instruction, "state": state})
+            record = {"images": [image], "instruction": observation.episode.instruction}
+            if self.collator.state_dim:
+                record["state"] = observation.episode.state
+            records.append(record)
         batch = {name: value.to(self.model.device) for name, value in self.collator(records).items()}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.generator_seed)
