@@ -1,4 +1,4 @@
-"""`python -m vlmheads.serve [--model DIR] [--host H] [--port P] [--api-key KEY] [--max-batch-size N]`.
+"""`python -m vlmheads.serve [--model DIR] [--host H] [--port P] [--api-key KEY] [--max-batch-size N] [...]`.
 
 Without `--model` it serves an embedded tiny random Orion model (chat, and /v1/trajectory). The API key may also
 come from the VLMHEADS_API_KEY environment variable.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .app import API_KEY_ENV, ServerLimits, serve
+from .app import API_KEY_ENV, DEFAULT_MAX_IMAGE_PIXELS, ServerLimits, ServerTimeouts, serve
 from .local_engine import LocalEngine
 from .models import EMBEDDED_MODEL_ID, embedded_tiny_model, load_model_folder
 
@@ -31,6 +31,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None, help="Longest prompt + completion, in tokens.")
     parser.add_argument("--max-images", type=int, default=ServerLimits.max_images, help="Images per request.")
     parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="Pixels of one image, checked on its header before decoding (default: the processor's max_pixels, "
+        f"else {DEFAULT_MAX_IMAGE_PIXELS}); larger JPEGs decode at 1/2, 1/4 or 1/8 scale when that fits.",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=None,
+        help="Decoded pixels of all of a request's images (default: twice --max-image-pixels).",
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=ServerLimits.body_timeout, help="Seconds to send a request body."
+    )
+    parser.add_argument(
+        "--timeout-keep-alive", type=float, default=ServerTimeouts.keep_alive, help="Idle seconds between requests."
+    )
+    parser.add_argument(
+        "--header-timeout", type=float, default=ServerTimeouts.header, help="Seconds to send a whole request head."
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=ServerTimeouts.shutdown,
+        help="Drain deadline on SIGTERM: requests still open after it end with an error event.",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Run the code a model folder ships (needed only for model types vlmheads does not register).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
@@ -45,13 +78,30 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = embedded_tiny_model()
         model_id = args.served_model_name or EMBEDDED_MODEL_ID
     else:
-        model, processor = load_model_folder(args.model)
+        model, processor = load_model_folder(args.model, trust_remote_code=args.trust_remote_code)
         model_id = args.served_model_name or Path(args.model).resolve().name
     engine = LocalEngine(
         model, processor, model_id=model_id, max_batch_size=args.max_batch_size, max_context=args.max_model_len
     )
-    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_images=args.max_images)
-    serve(engine, host=args.host, port=args.port, api_key=args.api_key, limits=limits, log_level=args.log_level)
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        body_timeout=args.body_timeout,
+    )
+    timeouts = ServerTimeouts(
+        keep_alive=args.timeout_keep_alive, header=args.header_timeout, shutdown=args.shutdown_timeout
+    )
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        limits=limits,
+        log_level=args.log_level,
+        timeouts=timeouts,
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server, in front of any `GenerationEngine`.
 
 Endpoints: `POST /v1/chat/completions` (text and base64 `image_url` parts, streaming with server-sent events),
-`GET /v1/models`, `GET /health`, and where the engine's model has the head: `POST /v1/trajectory` (driving models)
-and `POST /classify` (classifiers, vLLM's request and response shape). Every error is an OpenAI error object
+`GET /v1/models`, `GET /health`, and the route of the head the engine's model declares (`heads.py`):
+`POST /v1/trajectory` (driving models), `POST /classify` (classifiers, vLLM's request and response shape) or
+`POST /v1/actions` (VLAs). Every error is an OpenAI error object
 `{"error": {"message", "type", "param", "code"}}`; bad input is a 4xx, never a 500.
 """
 
@@ -12,17 +13,18 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import io
 import json
 import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,8 +34,21 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..processing.processing_driving_placeholders import DRIVING_FEATURES
+from ..processing.trajectory_request import TrajectoryRequestError
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
+from .heads import (
+    ROUTE_ACTIONS,
+    ROUTE_CHAT,
+    ROUTE_CLASSIFY,
+    ROUTE_TRAJECTORY,
+    ActionRequest,
+    ActionResponse,
+    ServedModel,
+    ServingError,
+)
 from .openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -63,16 +78,67 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "VLMHEADS_API_KEY"
 DISCONNECT_POLL_S = 0.5
+#: How long uvicorn waits past the drain deadline before it cancels what still runs.
+SHUTDOWN_GRACE_S = 5.0
+
+
+#: The pixel limit of an image when the processor declares no `max_pixels` of its own.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request may hold: body bytes, images per request, bytes and pixels per decoded image."""
+    """What one request may hold: body bytes, images per request, bytes and pixels per decoded image, and decoded
+    pixels per request, and the seconds a client may take to send its body (`body_timeout`).
+
+    `max_image_pixels` None means the processor's own `max_pixels` (Qwen-VL image processors resize every image
+    to at most that many pixels), else DEFAULT_MAX_IMAGE_PIXELS; `max_request_pixels` None means twice the image
+    limit. An image whose header declares more pixels is refused before its pixels are decoded, unless it is a
+    JPEG that PIL can decode at 1/2, 1/4 or 1/8 scale (`Image.draft`) to within the limit.
+    """
 
     max_body_bytes: int = 16 * 2**20
     max_images: int = 4
     max_image_bytes: int = 8 * 2**20
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int | None = None
+    max_request_pixels: int | None = None
+    body_timeout: float = 60.0
+
+    def resolved(self, processor: Any) -> ServerLimits:
+        """These limits with the defaults that depend on the served processor filled in."""
+        image_pixels = self.max_image_pixels or processor_max_pixels(processor) or DEFAULT_MAX_IMAGE_PIXELS
+        return replace(
+            self, max_image_pixels=image_pixels, max_request_pixels=self.max_request_pixels or 2 * image_pixels
+        )
+
+
+def processor_max_pixels(processor: Any) -> int | None:
+    """The most pixels the processor's image processor resizes an image to, where it declares a pixel budget
+    (`max_pixels` among its typed kwargs, as Qwen2-VL's family does; it keeps the value as `size["longest_edge"]`)."""
+    image_processor = getattr(processor, "image_processor", None)
+    declared = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
+    if "max_pixels" not in declared:
+        return None
+    return int(image_processor.size["longest_edge"])
+
+
+class PixelBudget:
+    """The decoded pixels one request may still spend (ServerLimits.max_request_pixels)."""
+
+    def __init__(self, limits: ServerLimits):
+        self.limit = limits.max_request_pixels
+        self.used = 0
+
+    def spend(self, pixels: int, param: str) -> None:
+        self.used += pixels
+        if self.limit is not None and self.used > self.limit:
+            raise APIError(
+                400,
+                f"{param}: the request's images hold {self.used} pixels, more than the {self.limit} a request may "
+                "hold (--max-request-pixels).",
+                param=param,
+                code="image_too_large",
+            )
 
 
 class APIError(Exception):
@@ -100,16 +166,24 @@ def error_response(
 
 
 async def read_body(request: Request, limits: ServerLimits) -> bytes:
-    """The request body; 413 past `limits.max_body_bytes`, counted as it streams in."""
+    """The request body; 413 past `limits.max_body_bytes`, counted as it streams in; 408 when it takes longer than
+    `limits.body_timeout` seconds."""
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise APIError(413, f"The request body exceeds {limits.max_body_bytes} bytes.", code="body_too_large")
-            chunks.append(chunk)
+        async with asyncio.timeout(limits.body_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise APIError(
+                        413, f"The request body exceeds {limits.max_body_bytes} bytes.", code="body_too_large"
+                    )
+                chunks.append(chunk)
     except ClientDisconnect as error:
         raise APIError(400, "The client went away while sending the request.", code="client_disconnected") from error
+    except TimeoutError as error:
+        raise APIError(
+            408, f"The request body took longer than {limits.body_timeout} s to arrive.", code="body_timeout"
+        ) from error
     return b"".join(chunks)
 
 
@@ -127,9 +201,9 @@ def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
         raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from error
 
 
-def decode_image_url(url: str, limits: ServerLimits, param: str) -> Image.Image:
-    """A base64 `data:image/...` URL as an RGB PIL image. Remote http(s) URLs are refused: the server fetches
-    nothing."""
+def decode_image_url(url: str, limits: ServerLimits, param: str, budget: PixelBudget | None = None) -> Image.Image:
+    """A base64 `data:image/...` URL as an RGB PIL image, its pixels counted against `budget`. Remote http(s) URLs
+    are refused: the server fetches nothing. The header's size is checked before any pixel is decoded."""
     if url.startswith(("http://", "https://")):
         raise APIError(
             400,
@@ -160,15 +234,24 @@ def decode_image_url(url: str, limits: ServerLimits, param: str) -> Image.Image:
         raise APIError(
             400, f"{param}: the data URL is not valid base64.", param=param, code="invalid_image"
         ) from error
+    max_pixels = limits.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
     try:
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > limits.max_image_pixels:
+        width, height = image.size
+        if width * height > max_pixels:
+            # JPEG decodes straight to 1/2, 1/4 or 1/8 scale: ask for the mildest of them within the limit.
+            reduction = next((k for k in (2, 4, 8) if width * height <= max_pixels * k * k), 8)
+            image.draft("RGB", (width // reduction, height // reduction))
+        if image.width * image.height > max_pixels:
             raise APIError(
                 400,
-                f"{param}: the image has {image.width}x{image.height} pixels, more than {limits.max_image_pixels}.",
+                f"{param}: the image has {width}x{height} pixels, more than the {max_pixels} allowed "
+                "(--max-image-pixels).",
                 param=param,
                 code="image_too_large",
             )
+        if budget is not None:
+            budget.spend(image.width * image.height, param)
         image.load()
     except APIError:
         raise
@@ -183,6 +266,7 @@ def chat_parts(messages: list[ChatMessage], limits: ServerLimits) -> tuple[list[
     """OpenAI messages as the processors' chat-template messages (`{"type": "image"}` where an image goes), and
     the decoded images in order."""
     template_messages, images = [], []
+    budget = PixelBudget(limits)
     for index, message in enumerate(messages):
         content = message.content
         parts: list[dict[str, Any]] = []
@@ -192,11 +276,12 @@ def chat_parts(messages: list[ChatMessage], limits: ServerLimits) -> tuple[list[
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
                 continue
-            images.append(decode_image_url(part.image_url.url, limits, f"messages.{index}.content.{part_index}"))
-            if len(images) > limits.max_images:
+            if len(images) == limits.max_images:
                 raise APIError(
                     400, f"At most {limits.max_images} images per request.", param="messages", code="too_many_images"
                 )
+            param = f"messages.{index}.content.{part_index}"
+            images.append(decode_image_url(part.image_url.url, limits, param, budget))
             parts.append({"type": "image"})
         role = "system" if message.role == "developer" else message.role
         template_messages.append({"role": role, "content": parts})
@@ -250,6 +335,7 @@ class EngineStream:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.finished = False
+        self.expired = False
         self.checked_at = time.monotonic()
         try:
             engine.submit(request, self._on_event)
@@ -259,7 +345,30 @@ class EngineStream:
             raise APIError(503, str(error), code="shutting_down", kind="service_unavailable") from error
 
     def _on_event(self, event: TokenEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        # An engine may still report a request the server stopped waiting for after its loop closed (shutdown).
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def expire(self) -> None:
+        """Ends the request now with an error event and cancels it in the engine (the drain deadline passed)."""
+        if self.finished:
+            return
+        self.cancel()
+        self.expired = True
+        self.queue.put_nowait(TokenEvent(self.request_id, None, finish_reason="error", error="server shutdown"))
+
+    def error(self, event: TokenEvent) -> APIError:
+        """The error of an event that ended the request with finish_reason "error": a 503 past the drain deadline,
+        a 400 when the failure was the request's own fault (`event.client_error`), else a 500."""
+        if self.expired:
+            return APIError(
+                503,
+                "The server is shutting down: this request was stopped at the drain deadline (--shutdown-timeout).",
+                code="server_shutdown",
+                kind="service_unavailable",
+            )
+        status = 400 if event.client_error else 500
+        return APIError(status, f"Generation failed: {event.error}", code="generation_failed")
 
     async def next_event(self, request: Request) -> TokenEvent:
         """The next event; cancels the request when the client has gone away (checked every DISCONNECT_POLL_S)."""
@@ -293,13 +402,6 @@ class CancellingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-def generation_error(event: TokenEvent) -> APIError:
-    """The error of a request whose generation ended with an error event: a 400 when it was the request's own fault
-    (`event.client_error`), else a 500."""
-    status = 400 if event.client_error else 500
-    return APIError(status, f"Generation failed: {event.error}", code="generation_failed")
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:
@@ -358,6 +460,18 @@ class Server:
         if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos = (self.tokenizer.eos_token_id,)
         self.stop_token_ids = eos
+        # The head the model declares picks its route; a model the server cannot serve stops it here.
+        self.served = ServedModel.of(engine.model_id, engine.config, engine.processor)
+        # The generation streams open now, ended with an error event when the drain deadline passes.
+        self.streams: weakref.WeakSet[EngineStream] = weakref.WeakSet()
+
+    def expire_streams(self) -> None:
+        """Ends every open generation with an error event (on the event loop; the drain deadline passed)."""
+        streams = list(self.streams)
+        if streams:
+            logger.warning("The drain deadline passed: ending %d open request(s) with an error.", len(streams))
+        for stream in streams:
+            stream.expire()
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.engine.model_id:
@@ -371,9 +485,16 @@ class Server:
 
     def process(self, param: str, **kwargs: Any) -> dict[str, Any]:
         """The processor's tensors for one sample; a processor's ValueError is a 400 on `param`."""
+        return self.build_inputs(param, lambda: dict(self.processor(return_tensors="pt", **kwargs)))
+
+    def build_inputs(self, param: str, build: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """`build(*args)` under the processor lock. A request error names its own field; anything else the
+        processor refuses is a 400 on `param`."""
         try:
             with self.processor_lock:
-                return dict(self.processor(return_tensors="pt", **kwargs))
+                return build(*args)
+        except (TrajectoryRequestError, ServingError) as error:
+            raise APIError(400, str(error), param=error.param or param, code="invalid_value") from error
         except Exception as error:
             # The inputs passed the server's checks, so what the processor refuses is still the request's fault.
             raise APIError(
@@ -426,6 +547,7 @@ class Server:
             stop_token_ids=self.stop_token_ids,
         )
         stream = EngineStream(self.engine, generation)
+        self.streams.add(stream)
         text = CompletionText(self.tokenizer, body.stop_strings)
         created = now()
         if body.stream:
@@ -458,7 +580,7 @@ class Server:
             event = await stream.next_event(request)
             text.push(event.token_id, final=event.finish_reason is not None)
             if event.finish_reason == "error":
-                raise generation_error(event)
+                raise stream.error(event)
             if text.stopped:
                 return "stop"
             if event.finish_reason is not None:
@@ -488,7 +610,7 @@ class Server:
             if delta:
                 yield chunk(DeltaMessage(content=delta))
             if event.finish_reason == "error":
-                error = generation_error(event)
+                error = stream.error(event)
                 info = ErrorInfo(message=error.message, type=error.kind, code=error.code)
                 yield sse(ErrorResponse(error=info))
                 yield "data: [DONE]\n\n"
@@ -521,115 +643,45 @@ class Server:
             # The model's input checks (e.g. "can_bus contains NaN or inf values.") are the request's fault.
             raise APIError(400, str(error), code="invalid_value") from error
 
-    # ---- /v1/trajectory --------------------------------------------------------------------------------------
+    # ---- the heads' routes: /v1/trajectory, /classify, /v1/actions -------------------------------------------
+
+    def check_route(self, route: str) -> None:
+        """A 404 unless `route` serves the head the model declares."""
+        try:
+            self.served.check_route(route)
+        except ServingError as error:
+            raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
 
     def trajectory_inputs(self, body: TrajectoryRequest) -> dict[str, Any]:
-        config = self.engine.config
-        shapes = {
-            "scene_queries": (config.num_scene_queries, config.scene_query_dim),
-            "history_queries": (config.num_history_queries, config.history_query_dim),
-            "can_bus": (config.can_bus_dim,),
-        }
-        features = {}
-        for name, shape in shapes.items():
-            try:
-                value = torch.tensor(getattr(body, name), dtype=torch.float32)
-            except ValueError as error:
-                raise APIError(
-                    400,
-                    f"{name} must be a rectangular array of shape {list(shape)}.",
-                    param=name,
-                    code="invalid_value",
-                ) from error
-            if tuple(value.shape) != shape:
-                raise APIError(
-                    400,
-                    f"{name} must have shape {list(shape)}, got {list(value.shape)}.",
-                    param=name,
-                    code="invalid_value",
-                )
-            features[name] = value.unsqueeze(0)
         images = [] if body.image is None else [decode_image_url(body.image, self.limits, "image")]
-        content = [{"type": "image"}] * len(images) + [
-            {"type": "scene"},
-            {"type": "history"},
-            {"type": "can_bus"},
-            {"type": "text", "text": body.prompt or "Plan a safe trajectory for the ego car."},
-            {"type": "ego"},
-        ]
-        with self.processor_lock:
-            prompt = self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True
-            )
-        inputs = self.process("prompt", images=[images] if images else None, text=[prompt], **features)
-        num_modes = getattr(config, "num_modes", 1)
-        if num_modes > 1:
-            if body.command is None or not 0 <= body.command < num_modes:
-                raise APIError(
-                    400,
-                    f"command must be a mode index in [0, {num_modes}), got {body.command!r}.",
-                    param="command",
-                    code="invalid_value",
-                )
-            inputs["command"] = torch.tensor([body.command])
-        elif body.command is not None:
-            raise APIError(
-                400,
-                "command picks a trajectory mode, but this model has one mode.",
-                param="command",
-                code="invalid_value",
-            )
-        inputs["logits_to_keep"] = 1
-        return inputs
+        sample = body.model_dump(include=set(DRIVING_FEATURES))
+        return self.build_inputs("prompt", self.served.inputs, images, sample, body.prompt, body.command)
 
     async def trajectory(self, request: Request) -> Response:
-        config = self.engine.config
-        if getattr(config, "ego_token_id", None) is None or not hasattr(self.processor, "placeholder_tokens"):
-            raise APIError(
-                404,
-                f"`{self.engine.model_id}` plans no trajectories: POST /v1/trajectory serves Orion driving models.",
-                code="unsupported_endpoint",
-                kind="not_found_error",
-            )
+        self.check_route(ROUTE_TRAJECTORY)
         body: TrajectoryRequest = parse_body(await read_body(request, self.limits), TrajectoryRequest)
         self.check_model(body.model)
         inputs = await run_in_threadpool(self.trajectory_inputs, body)
         output = await self.run_forward(inputs)
         modes = None
-        if getattr(config, "num_modes", 1) > 1:
+        if self.engine.config.num_modes > 1:
             modes = output.trajectory_modes[0].float().tolist()
+        prompt_tokens = int(inputs["input_ids"].shape[1])
         response = TrajectoryResponse(
             id=new_id("traj"),
             created=now(),
             model=self.engine.model_id,
             waypoints=output.trajectory[0].float().tolist(),
             modes=modes,
-            usage=ClassificationUsage(
-                prompt_tokens=int(inputs["input_ids"].shape[1]), total_tokens=int(inputs["input_ids"].shape[1])
-            ),
+            usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
         return JSONResponse(dump(response))
 
-    # ---- /classify -------------------------------------------------------------------------------------------
-
     def classification_inputs(self, body: ClassificationRequest) -> list[dict[str, Any]]:
-        multimodal = getattr(self.engine.config, "pooling", "multimodal") == "multimodal"
-        samples = []
+        classifier = self.served.inputs
         if body.messages is not None:
             messages, images = chat_parts(body.messages, self.limits)
-            if not images:
-                raise APIError(
-                    400,
-                    "messages: the classifier reads an image; none was given.",
-                    param="messages",
-                    code="invalid_value",
-                )
-            prompt = None
-            if multimodal:
-                with self.processor_lock:
-                    prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            samples.append(self.process("messages", images=[images], text=None if prompt is None else [prompt]))
-            return samples
+            return [self.build_inputs("messages", classifier.for_turn, messages, images)]
         urls = [body.input] if isinstance(body.input, str) else list(body.input)
         if not urls:
             raise APIError(400, "input: give at least one image data URL.", param="input", code="invalid_value")
@@ -637,29 +689,21 @@ class Server:
             raise APIError(
                 400, f"At most {self.limits.max_images} images per request.", param="input", code="too_many_images"
             )
-        prompt = self.processor.classification_prompt() if multimodal else None
-        for index, url in enumerate(urls):
-            image = decode_image_url(url, self.limits, f"input.{index}")
-            samples.append(self.process(f"input.{index}", images=[image], text=None if prompt is None else [prompt]))
-        return samples
+        budget = PixelBudget(self.limits)
+        images = [decode_image_url(url, self.limits, f"input.{index}", budget) for index, url in enumerate(urls)]
+        return [self.build_inputs(f"input.{index}", classifier.for_image, image) for index, image in enumerate(images)]
 
     async def classify(self, request: Request) -> Response:
-        config = self.engine.config
-        if not getattr(config, "id2label", None) or not hasattr(self.processor, "classification_prompt"):
-            raise APIError(
-                404,
-                f"`{self.engine.model_id}` is no classifier: POST /classify serves the receipt classifier.",
-                code="unsupported_endpoint",
-                kind="not_found_error",
-            )
+        self.check_route(ROUTE_CLASSIFY)
         body: ClassificationRequest = parse_body(await read_body(request, self.limits), ClassificationRequest)
         self.check_model(body.model)
         samples = await run_in_threadpool(self.classification_inputs, body)
+        id2label = self.engine.config.id2label
         data, prompt_tokens = [], 0
         for index, inputs in enumerate(samples):
             output = await self.run_forward(inputs)
             probs = output.logits[0].float().softmax(dim=-1)
-            label = config.id2label[int(probs.argmax())]
+            label = id2label[int(probs.argmax())]
             data.append(ClassificationData(index=index, label=label, probs=probs.tolist(), num_classes=len(probs)))
             if "input_ids" in inputs:
                 prompt_tokens += int(inputs["input_ids"].shape[1])
@@ -668,6 +712,36 @@ class Server:
             created=now(),
             model=self.engine.model_id,
             data=data,
+            usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+        )
+        return JSONResponse(dump(response))
+
+    def action_inputs(self, body: ActionRequest) -> dict[str, Any]:
+        if len(body.images) > self.limits.max_images:
+            raise APIError(
+                400, f"At most {self.limits.max_images} images per request.", param="images", code="too_many_images"
+            )
+        budget = PixelBudget(self.limits)
+        images = [decode_image_url(url, self.limits, f"images.{i}", budget) for i, url in enumerate(body.images)]
+        return self.build_inputs("images", self.served.inputs, images, body.instruction, body.state)
+
+    async def actions(self, request: Request) -> Response:
+        self.check_route(ROUTE_ACTIONS)
+        body: ActionRequest = parse_body(await read_body(request, self.limits), ActionRequest)
+        self.check_model(body.model)
+        inputs = await run_in_threadpool(self.action_inputs, body)
+        try:
+            actions = await run_in_threadpool(self.engine.predict_actions, inputs)
+        except NotImplementedError as error:
+            raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
+        except ValueError as error:
+            raise APIError(400, str(error), code="invalid_value") from error
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        response = ActionResponse(
+            id=new_id("act"),
+            created=now(),
+            model=self.engine.model_id,
+            actions=actions[0].float().tolist(),
             usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
         return JSONResponse(dump(response))
@@ -682,7 +756,7 @@ def create_app(
     """The FastAPI app over `engine`. With `api_key`, every endpoint but /health needs `Authorization: Bearer
     <api_key>`. With `close_engine_on_shutdown`, the app's shutdown (after uvicorn has finished the requests in
     flight) closes the engine, draining it."""
-    limits = limits or ServerLimits()
+    limits = (limits or ServerLimits()).resolved(engine.processor)
     server = Server(engine, limits)
 
     @contextlib.asynccontextmanager
@@ -721,11 +795,92 @@ def create_app(
         card = ModelCard(id=engine.model_id, created=now(), max_model_len=engine.max_context)
         return JSONResponse(dump(ModelList(data=[card])))
 
-    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
-    app.add_api_route("/v1/trajectory", server.trajectory, methods=["POST"])
-    app.add_api_route("/classify", server.classify, methods=["POST"])
+    app.add_api_route(ROUTE_CHAT, server.chat, methods=["POST"])
+    app.add_api_route(ROUTE_TRAJECTORY, server.trajectory, methods=["POST"])
+    app.add_api_route(ROUTE_CLASSIFY, server.classify, methods=["POST"])
+    app.add_api_route(ROUTE_ACTIONS, server.actions, methods=["POST"])
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     return app
+
+
+@dataclass(frozen=True)
+class ServerTimeouts:
+    """Connection time limits, in seconds: `keep_alive` (idle between requests), `header` (from connecting, or from
+    the previous response, to a whole request head), `shutdown` (the drain deadline: on SIGTERM, requests still open
+    after it end with an error event). The body's is `ServerLimits.body_timeout`."""
+
+    keep_alive: float = 5.0
+    header: float = 10.0
+    shutdown: float = 30.0
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a header timeout: uvicorn times out idle keep-alive connections only after a
+    first response, so a client that connects and never completes a request head would hold its connection forever."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out, self.cycle)
+
+    def _header_timed_out(self, cycle_when_armed: Any) -> None:
+        # A new request head since the timer was armed starts a new cycle; the same cycle means none arrived.
+        if self.cycle is cycle_when_armed and not self.transport.is_closing():
+            self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose graceful shutdown has a deadline: `timeouts.shutdown` seconds after it starts, the
+    requests still open end with an error event (`on_deadline`); uvicorn cancels what still runs 5 s later (a
+    stream to a client that stopped reading cannot take its error event)."""
+
+    def __init__(self, config: uvicorn.Config, on_deadline: Callable[[], None], shutdown_timeout: float):
+        super().__init__(config)
+        self.on_deadline = on_deadline
+        self.shutdown_timeout = shutdown_timeout
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.on_deadline)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+
+def uvicorn_server(
+    app: FastAPI, host: str, port: int, timeouts: ServerTimeouts | None = None, log_level: str = "info"
+) -> DrainingServer:
+    """A uvicorn server for `app` (made by `create_app`) with the connection time limits of `timeouts`."""
+    timeouts = timeouts or ServerTimeouts()
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=functools.partial(HeaderTimeoutH11Protocol, header_timeout=timeouts.header),
+        timeout_keep_alive=timeouts.keep_alive,
+        timeout_graceful_shutdown=timeouts.shutdown + SHUTDOWN_GRACE_S,
+    )
+    return DrainingServer(config, app.state.server.expire_streams, timeouts.shutdown)
 
 
 def serve(
@@ -735,12 +890,14 @@ def serve(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     log_level: str = "info",
+    timeouts: ServerTimeouts | None = None,
 ) -> None:
     """Serves `engine` until SIGINT / SIGTERM (blocking); then finishes the requests in flight (uvicorn's graceful
-    shutdown) and closes the engine, draining it. uvicorn then re-raises the signal, as its own CLI does."""
+    shutdown, ending those still open at `timeouts.shutdown` with an error event) and closes the engine, draining
+    it. uvicorn then re-raises the signal, as its own CLI does."""
     app = create_app(engine, api_key=api_key, limits=limits, close_engine_on_shutdown=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    server = uvicorn_server(app, host, port, timeouts, log_level)
     try:
         server.run()
     finally:
-        engine.close(drain=True)
+        engine.close(drain=True, timeout=SHUTDOWN_GRACE_S)

@@ -33,8 +33,18 @@ def embedded_tiny_model(seed: int = 0, backbone: str = "qwen2_vl") -> tuple[torc
     return spread_weights(tiny_orion_model(processor, backbone, seed=seed), seed=seed), processor
 
 
-def load_model_folder(path: str) -> tuple[torch.nn.Module, Any]:
-    """A saved model folder (e.g. `outputs/orion_demo`), loaded with its own code like any Hub user would."""
-    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+def load_model_folder(path: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """A saved model folder (e.g. `outputs/orion_demo`). vlmheads' own model types load from the installed package;
+    a folder whose type only its own code defines runs that code only with `trust_remote_code` (the server's
+    `--trust-remote-code`), else a `ValueError` says so."""
+    try:
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"{path} holds a model type that vlmheads does not register: serving it runs the folder's own code. "
+            "Pass --trust-remote-code if you trust that code."
+        ) from error
     return model, processor
