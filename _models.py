@@ -17,17 +17,13 @@ from .configuration.configuration_receipt_vl import ReceiptVLConfig
 from .configuration.configuration_vla import VLAConfig
 from .configuration.configuration_vlm_classification import VLMClassificationConfig
 from .configuration.configuration_vlm_trajectory import VLMTrajectoryConfig
+from .modeling.modeling_classifier import VLMClassifierOutput
 from .modeling.modeling_orion_qwen import OrionQwen2_5ForTrajectory, OrionQwenForTrajectory, OrionTrajectoryOutput
 from .modeling.modeling_receipt_vl import ReceiptVLClassifier, ReceiptVLClassifierOutput
 from .modeling.modeling_vla import VLAForActionPrediction, VLAOutput
-from .modeling.modeling_vlm_heads import (
-    VLMClassifierOutput,
-    VLMForImageClassification,
-    VLMForTrajectory,
-    VLMTrajectoryOutput,
-    image_features,
-    sequence_states,
-)
+from .modeling.modeling_vlm_classification import VLMForImageClassification
+from .modeling.modeling_vlm_heads import image_features, sequence_states
+from .modeling.modeling_vlm_trajectory import VLMForTrajectory, VLMTrajectoryOutput
 from .processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
 from .processing.pipeline_vla_actions import ActionPredictionPipeline
 from .processing.processing_driving_placeholders import DrivingPlaceholders

@@ -1,32 +1,23 @@
-"""What `save_pretrained` and `push_to_hub` add for the vlmheads classes: self-contained code, pipelines, a card.
+"""What `save_pretrained` and `push_to_hub` add for the vlmheads models: a model card, its facts, the processor.
 
-transformers ships a custom class by copying its source file and the files it imports with same-folder
-relative imports (`from .x import y`). Inside the vlmheads package the model-side code spans several folders
-(`from ..configuration.configuration_orion_qwen import ...`), which transformers can neither follow nor load.
-`SelfContainedCodeMixin` writes every module a class needs next to the weights, flat, with package-relative
-imports rewritten into same-folder ones, and records the class in `auto_map`, so that
-`Auto*.from_pretrained(folder, trust_remote_code=True)` works where vlmheads is not installed.
+The self-contained remote code that saved folders carry is written by `configuration/remote_code.py`.
 
 This file imports only the standard library, transformers and huggingface_hub: it ships with every saved model.
 """
 
-import ast
-import importlib.util
 import json
 import numbers
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import AutoProcessor
 from transformers.utils import FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME, cached_file
 
-_RELATIVE_IMPORT = re.compile(r"^(\s*)from\s+\.+(?:\w+\.)*(\w+)\s+import\b", re.MULTILINE)
 _HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # The card's facts, saved next to the weights and read back by `from_pretrained`.
 MODEL_CARD_FACTS = "model_card.json"
@@ -50,131 +41,6 @@ def dataset_name(name: str) -> str:
     if parts and (path.is_file() or Path(parts[-1]).suffix in _DATA_FILE_SUFFIXES) and len(parts) > 1:
         parts = parts[:-1]
     return Path(*parts).name if parts and Path(*parts).name else name
-
-
-def code_files(module_name: str) -> dict[str, Path]:
-    """Source files of an imported module and of every module it imports relatively, transitively, by file name."""
-    files: dict[str, Path] = {}
-    pending = [module_name]
-    while pending:
-        module = sys.modules[pending.pop()]
-        path = Path(module.__file__)
-        if path.name == "__init__.py":
-            raise ValueError(f"{module.__name__} is a package: model-side code must import names from module files.")
-        if path.name in files:
-            if files[path.name] != path:
-                raise ValueError(f"{files[path.name]} and {path} would both be saved as {path.name}.")
-            continue
-        files[path.name] = path
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level > 0:
-                if node.module is None:
-                    raise ValueError(f"{path}: `from . import x` cannot be shipped; write `from .module import x`.")
-                pending.append(importlib.util.resolve_name("." * node.level + node.module, module.__package__))
-    return files
-
-
-def flatten_relative_imports(source: str) -> str:
-    """Rewrites `from ..package.module import x` into the same-folder import `from .module import x`."""
-    return _RELATIVE_IMPORT.sub(r"\1from .\2 import", source)
-
-
-def write_code_files(cls: type, save_directory: str | Path) -> list[Path]:
-    """Writes the code `cls` needs into `save_directory` as flat files that import only each other and libraries."""
-    own_package = cls.__module__.split(".")[0]
-    written = []
-    for file_name, path in code_files(cls.__module__).items():
-        source = flatten_relative_imports(path.read_text(encoding="utf-8"))
-        for node in ast.walk(ast.parse(source)):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            if any(name.split(".")[0] == own_package for name in names):
-                raise ValueError(f"{path} imports {own_package} absolutely: the saved folder would need it installed.")
-        target = Path(save_directory) / file_name
-        target.write_text(source, encoding="utf-8")
-        written.append(target)
-    return written
-
-
-def code_reference(cls: type) -> str:
-    """How `auto_map` and `custom_pipelines` name a class of the flat saved code: `"module_file.ClassName"`."""
-    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-
-def check_code_references(folder: str | Path, config: PretrainedConfig) -> None:
-    """Raises a `ValueError` when `auto_map` or `custom_pipelines` of a saved folder's config name code it lacks.
-
-    A folder saved by another vlmheads version can name files or classes that its code files no longer hold;
-    transformers would fail later with a bare import error. References into other repositories (`repo--x.Y`)
-    are not checked.
-    """
-    folder = Path(folder)
-    references = {f"auto_map[{key!r}]": value for key, value in (getattr(config, "auto_map", None) or {}).items()}
-    for task, entry in (getattr(config, "custom_pipelines", None) or {}).items():
-        references[f"custom_pipelines[{task!r}]['impl']"] = entry.get("impl") if isinstance(entry, dict) else entry
-    held = sorted(path.name for path in folder.glob("*.py"))
-    for where, value in references.items():
-        for reference in value if isinstance(value, (list, tuple)) else [value]:
-            if reference is None or "--" in reference:
-                continue
-            module, _, class_name = reference.rpartition(".")
-            path = folder / f"{module}.py"
-            if not module or not path.is_file():
-                raise ValueError(
-                    f"{folder / 'config.json'}: {where} = {reference!r} names {module}.py, which the folder does not "
-                    f"hold (it holds {held}); it was saved by another version of its code: save it again."
-                )
-            defined = {node.name for node in ast.parse(path.read_text(encoding="utf-8")).body if hasattr(node, "name")}
-            if class_name not in defined:
-                raise ValueError(
-                    f"{folder / 'config.json'}: {where} = {reference!r}, but {path.name} defines no class "
-                    f"{class_name}; it was saved by another version of its code: save it again."
-                )
-
-
-class SelfContainedCodeMixin:
-    """Makes `save_pretrained` write the class's code as flat, self-contained files and record it in `auto_map`.
-
-    Mix in before the transformers base class. Subclasses list the Auto classes that should load them, and models
-    the pipelines that ship with them: `pipeline_classes = {"trajectory-prediction": OrionTrajectoryPipeline}`
-    saves the pipeline's code next to the model's and records it in `config.custom_pipelines`, which
-    `transformers.pipeline(task, model=folder, trust_remote_code=True)` reads.
-    """
-
-    auto_classes: ClassVar[tuple[str, ...]] = ()
-    pipeline_classes: ClassVar[dict[str, type]] = {}
-
-    @classmethod
-    def from_dict(cls, *args, **kwargs):
-        """Configs only: every load of a config (`AutoConfig`, `from_pretrained`, remote code) ends here."""
-        loaded = super().from_dict(*args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        folder = Path(config.name_or_path or ".")
-        if config.name_or_path and (folder / "config.json").is_file():
-            check_code_references(folder, config)
-        return loaded
-
-    def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
-        if isinstance(self, PreTrainedModel):
-            # Write transformers' own key layout, not the legacy Hub one: the Trainer resumes a checkpoint with a
-            # plain `load_state_dict`, which skips renamed keys (transformers issue #43701).
-            kwargs.setdefault("save_original_format", False)
-        # Models keep `auto_map` and `custom_pipelines` in their config, configs and processors in themselves.
-        owner = self.config if isinstance(self, PreTrainedModel) else self
-        reference = code_reference(type(self))
-        owner.auto_map = {**(getattr(owner, "auto_map", None) or {}), **dict.fromkeys(self.auto_classes, reference)}
-        if self.pipeline_classes:
-            model_classes = [name for name in self.auto_classes if name.startswith("AutoModel")]
-            owner.custom_pipelines = {
-                task: {"impl": code_reference(pipeline_class), "pt": model_classes}
-                for task, pipeline_class in self.pipeline_classes.items()
-            }
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            for cls in (type(self), *self.pipeline_classes.values()):
-                write_code_files(cls, save_directory)
-        return result
 
 
 class ModelCardMixin:

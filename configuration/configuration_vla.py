@@ -3,7 +3,6 @@
 import math
 
 from huggingface_hub.dataclasses import strict
-from transformers.activations import ACT2FN
 
 from .configuration_vlm_heads import VLMHeadConfig
 from .constants import HEAD_ACTIONS
@@ -110,8 +109,8 @@ class VLAConfig(VLMHeadConfig):
             raise ValueError(f"num_action_bins must be at least 2, got {self.num_action_bins}.")
         if not self.head_hidden_dims or any(width < 1 for width in self.head_hidden_dims):
             raise ValueError(f"head_hidden_dims must be positive widths, got {self.head_hidden_dims}.")
-        if self.head_hidden_act not in ACT2FN:
-            raise ValueError(f"head_hidden_act must be a transformers activation name, got {self.head_hidden_act!r}.")
+        if not isinstance(self.head_hidden_act, str) or not self.head_hidden_act:
+            raise ValueError(f"head_hidden_act must name an activation, got {self.head_hidden_act!r}.")
         for name in STATISTICS:
             values = getattr(self, name)
             width = self.state_dim if name.startswith("state") else self.action_dim

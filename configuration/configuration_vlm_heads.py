@@ -9,8 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..modeling.families import family_of
-from ..publishing import SelfContainedCodeMixin
+from .remote_code import SelfContainedCodeMixin
 
 
 @strict
@@ -43,7 +42,6 @@ class VLMHeadConfig(SelfContainedCodeMixin, PretrainedConfig):
             if model_type not in CONFIG_MAPPING:
                 raise ValueError(f"backbone_config needs a known `model_type`, got {model_type!r}.")
             self.backbone_config = CONFIG_MAPPING[model_type](**settings)
-        family_of(self.backbone_config)
         super().__post_init__(**kwargs)
 
     @property

@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
-from .configuration_orion_qwen import OrionDrivingConfigMixin
+from .configuration_driving import OrionDrivingConfigMixin
 from .configuration_vlm_heads import VLMHeadConfig
 
 

@@ -14,9 +14,6 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.models.pi0.modeling_pi0 import PI0TimestepEmbeddings
 
-# What a classification head reads: the mean projected image token, or the sequence state at the last token.
-POOLINGS = ("vision", "multimodal")
-
 
 class FanInLinear(nn.Linear):
     """A `Linear` layer of an MLP head, initialised like PyTorch does (uniform, scaled by fan-in).
@@ -430,44 +427,14 @@ class DrivingEmbeddings(nn.Module):
         return inputs_embeds
 
 
-def check_classifier_settings(config) -> None:
-    """Raises a `ValueError` naming the first invalid setting of a `ClassificationHead` configuration.
+def check_activations(config, names: Sequence[str]) -> None:
+    """Raises a `ValueError` unless each configuration field in `names` names one of transformers' activations.
 
-    `config` holds `pooling`, `num_labels`, `id2label`, `label2id` and the `classifier_*` settings. Configurations
-    call it at construction and models again when they are built, because `from_pretrained(..., **kwargs)` sets
-    attributes after construction.
+    Models check it when they are built: configurations import no torch, and the activation table needs it.
     """
-    if config.pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {config.pooling!r}.")
-    if config.num_labels < 2:
-        raise ValueError(f"A classifier needs at least 2 labels, got num_labels={config.num_labels}.")
-    if sorted(config.id2label) != list(range(config.num_labels)):
-        raise ValueError(
-            f"id2label keys must be the ids 0 ... {config.num_labels - 1}, got {sorted(config.id2label)}."
-        )
-    expected_label2id = {label: index for index, label in config.id2label.items()}
-    if len(expected_label2id) != config.num_labels:
-        raise ValueError(f"id2label must name each class differently, got {config.id2label}.")
-    if {str(label): int(index) for label, index in config.label2id.items()} != expected_label2id:
-        raise ValueError(f"label2id {config.label2id} is not the inverse of id2label {config.id2label}.")
-    if any(width < 1 for width in config.classifier_hidden_dims):
-        raise ValueError(f"classifier_hidden_dims must hold positive widths, got {config.classifier_hidden_dims}.")
-    if len(config.classifier_dropout_rates) != len(config.classifier_hidden_dims):
-        raise ValueError(
-            f"classifier_dropout_rates needs one rate per hidden layer: {len(config.classifier_hidden_dims)} "
-            f"for classifier_hidden_dims={config.classifier_hidden_dims}, got {config.classifier_dropout_rates}."
-        )
-    if any(not 0 <= rate < 1 for rate in config.classifier_dropout_rates):
-        raise ValueError(f"classifier_dropout_rates must lie in [0, 1), got {config.classifier_dropout_rates}.")
-    if config.classifier_activation not in ACT2FN:
-        raise ValueError(
-            f"classifier_activation must be one of transformers' activations, got {config.classifier_activation!r}."
-        )
-
-
-def default_dropout_rates(hidden_dims: Sequence[int]) -> list[float]:
-    """The classifier's default dropout: 0.2 after the first hidden layer, 0.1 after the others."""
-    return [0.2, *[0.1] * (len(hidden_dims) - 1)][: len(hidden_dims)]
+    for name in names:
+        if getattr(config, name) not in ACT2FN:
+            raise ValueError(f"{name} must be one of transformers' activations, got {getattr(config, name)!r}.")
 
 
 def tiled_image_features(

@@ -17,17 +17,10 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from ..configuration.configuration_orion_qwen import OrionQwen2_5Config, OrionQwenConfig
-from ..configuration.constants import HEAD_TRAJECTORY
-from ..processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
-from ..publishing import ModelCardMixin, SelfContainedCodeMixin
-from .heads import (
-    DrivingEmbeddings,
-    check_tensor,
-    init_head_module,
-    select_mode,
-    trajectory_decoder,
-    waypoint_loss,
-)
+from ..publishing import ModelCardMixin
+from .heads import init_head_module
+from .modeling_base import SelfContainedModelMixin
+from .modeling_driving import DrivingHeadMixin
 
 # Official checkpoints keep legacy key names (`model.layers.*`, `visual.*`); transformers renames them only for
 # the classes it knows, so without this the backbone of a subclass would silently be re-initialised.
@@ -62,75 +55,22 @@ class OrionTrajectoryOutput(MultimodalCausalLMOutputWithPast):
     lm_loss: torch.FloatTensor | None = None
 
 
-class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
+class OrionTrajectoryMixin(DrivingHeadMixin, ModelCardMixin, SelfContainedModelMixin):
     """The driving parts, shared by the Qwen2-VL and Qwen2.5-VL models: mix in before the transformers class."""
 
-    head_kind = HEAD_TRAJECTORY
     auto_classes = ("AutoModel", "AutoModelForImageTextToText")
-    pipeline_classes = {"trajectory-prediction": OrionTrajectoryPipeline}
     model_card_template = "orion_qwen.md"
-    pipeline_tag = "robotics"
     model_card_tags = ("orion", "autonomous-driving", "trajectory-prediction")
-    # The waypoint loss is a per-batch mean: the Trainer must average it over gradient accumulation itself.
-    accepts_loss_kwargs = False
-    # The modules Orion adds to the Qwen backbone: trained in full under LoRA, kept in full precision.
-    head_modules = ("driving_embeddings", "trajectory_decoder")
 
     def __init__(self, config: OrionQwenConfig | OrionQwen2_5Config):
         config.check_driving_settings()
         super().__init__(config)
-        self.driving_embeddings = DrivingEmbeddings(config, config.text_config.hidden_size)
-        self.trajectory_decoder = trajectory_decoder(config, config.text_config.hidden_size)
+        self.build_driving_head(config.text_config.hidden_size)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         if not init_head_module(module):
             super()._init_weights(module)
-
-    def _check_driving_inputs(
-        self,
-        batch_size: int,
-        scene_queries: torch.Tensor | None,
-        history_queries: torch.Tensor | None,
-        can_bus: torch.Tensor | None,
-        ego_waypoints: torch.Tensor | None,
-        command: torch.LongTensor | None,
-    ) -> None:
-        config = self.config
-        expected = {
-            "scene_queries": (scene_queries, (batch_size, None, config.scene_query_dim), "(B, Ns, scene_query_dim)"),
-            "history_queries": (
-                history_queries,
-                (batch_size, None, config.history_query_dim),
-                "(B, Nh, history_query_dim)",
-            ),
-            "can_bus": (can_bus, (batch_size, config.can_bus_dim), "(B, can_bus_dim)"),
-            "ego_waypoints": (
-                ego_waypoints,
-                (batch_size, config.num_waypoints, config.waypoint_dim),
-                "(B, num_waypoints, waypoint_dim)",
-            ),
-        }
-        for name, (tensor, shape, layout) in expected.items():
-            if tensor is not None:
-                check_tensor(name, tensor, shape, layout)
-        if config.num_modes == 1:
-            if command is not None:
-                raise ValueError("command selects a trajectory mode, but this model has num_modes=1.")
-        elif command is not None:
-            check_tensor("command", command, (batch_size,), "(B,)")
-            if command.is_floating_point() or command.min() < 0 or command.max() >= config.num_modes:
-                raise ValueError(f"command must hold integer mode indices in [0, {config.num_modes}), got {command}.")
-
-    def _ego_features(self, input_ids: torch.LongTensor, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """The last hidden state at each sample's `<ego_wp>`: (B, H), or None when the ids hold none."""
-        ego_mask = input_ids == self.config.ego_token_id
-        per_sample = ego_mask.sum(dim=1)
-        if not per_sample.any():
-            return None
-        if (per_sample != 1).any():
-            raise ValueError(f"Each sample needs exactly one <ego_wp> token; input_ids hold {per_sample.tolist()}.")
-        return hidden_states[ego_mask]
 
     @can_return_tuple
     def forward(
@@ -181,7 +121,7 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         reads_prompt = cache is None or cache.get_seq_length() == 0
         if input_ids is not None:
-            self._check_driving_inputs(
+            self.check_driving_inputs(
                 input_ids.shape[0], scene_queries, history_queries, can_bus, ego_waypoints, command
             )
             if labels is not None and labels.shape != input_ids.shape:
@@ -206,17 +146,13 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
         )
         hidden_states = outputs.last_hidden_state
 
-        ego_features = trajectory_modes = trajectory = None
+        ego_features = trajectory_modes = trajectory = trajectory_loss = None
         if input_ids is not None and self.config.ego_token_id is not None and reads_prompt:
-            ego_features = self._ego_features(input_ids, hidden_states)
+            ego_features = self.ego_features(input_ids, hidden_states)
         if ego_features is not None:
-            trajectory_modes = self.trajectory_decoder(ego_features)
-            if self.config.num_modes == 1:
-                trajectory = trajectory_modes[:, 0]
-            elif command is not None:
-                trajectory = select_mode(trajectory_modes, command)
-            elif ego_waypoints is not None:
-                raise ValueError(f"command (B,) is required to train a model with num_modes={self.config.num_modes}.")
+            trajectory_modes, trajectory, trajectory_loss = self.trajectory_outputs(
+                ego_features, command, ego_waypoints
+            )
         elif ego_waypoints is not None:
             raise ValueError("ego_waypoints were given but input_ids hold no <ego_wp> token to read a trajectory at.")
 
@@ -224,12 +160,8 @@ class OrionTrajectoryMixin(ModelCardMixin, SelfContainedCodeMixin):
         if labels is not None or ego_waypoints is None:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
-        loss = lm_loss = trajectory_loss = None
-        if ego_waypoints is not None:
-            if self.config.trajectory_head == "flow":
-                trajectory_loss = self.trajectory_decoder.loss(ego_features, ego_waypoints, command)
-            else:
-                trajectory_loss = waypoint_loss(trajectory, ego_waypoints, self.config.waypoint_loss)
+        loss = lm_loss = None
+        if trajectory_loss is not None:
             loss = self.config.waypoint_loss_weight * trajectory_loss
         if labels is not None:
             lm_loss = self.loss_function(

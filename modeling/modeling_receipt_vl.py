@@ -8,22 +8,17 @@ last non-padding token (B, H) → head.
 The same weights answer questions about the image with `generate()`.
 """
 
-import copy
-from dataclasses import dataclass
-
 import torch
-from torch.nn import functional as F
-from transformers import BitsAndBytesConfig, MllamaForConditionalGeneration
+from transformers import MllamaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import can_return_tuple
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..configuration.configuration_receipt_vl import ReceiptVLConfig
-from ..configuration.constants import HEAD_CLASSIFICATION
-from ..publishing import ModelCardMixin, SelfContainedCodeMixin
+from ..publishing import ModelCardMixin
 from .families import VLM_FAMILIES
-from .heads import ClassificationHead, check_tensor, last_token_state, masked_mean, tiled_image_features
+from .heads import check_tensor, last_token_state, masked_mean, tiled_image_features
+from .modeling_base import QuantizedLoadingMixin, SelfContainedModelMixin
+from .modeling_classifier import ClassifierMixin, VLMClassifierOutput
 
 # Mllama checkpoints keep legacy key names (`language_model.model.*`, `vision_model.*`); transformers renames them
 # only for the classes it knows, so without this the backbone of a subclass would silently be re-initialised.
@@ -32,61 +27,37 @@ register_checkpoint_conversion_mapping(
 )
 
 
-@dataclass
-class ReceiptVLClassifierOutput(ImageClassifierOutput):
-    r"""
-    pooled_features (`torch.FloatTensor` of shape `(B, H)`):
-        What the head read: the mean projected vision token (`pooling="vision"`) or the decoder's hidden state at
-        the last non-padding token (`pooling="multimodal"`).
-    """
-
-    pooled_features: torch.FloatTensor | None = None
+# One output class for every classifier; the receipt name stays importable.
+ReceiptVLClassifierOutput = VLMClassifierOutput
 
 
-class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForConditionalGeneration):
+class ReceiptVLClassifier(
+    ClassifierMixin, ModelCardMixin, SelfContainedModelMixin, QuantizedLoadingMixin, MllamaForConditionalGeneration
+):
     """Mllama with a classification head: receipt photo (+ prompt) → class logits, and text answers via `generate()`.
 
     Loads every weight of a `MllamaForConditionalGeneration` checkpoint and initialises only `classifier`.
     """
 
     config: ReceiptVLConfig
-    head_kind = HEAD_CLASSIFICATION
     auto_classes = ("AutoModel", "AutoModelForImageClassification")
     model_card_template = "receipt_vl.md"
-    pipeline_tag = "image-classification"
     model_card_tags = ("mllama", "receipts", "image-classification")
-    # The cross-entropy is a per-batch mean: the Trainer must average it over gradient accumulation itself.
-    accepts_loss_kwargs = False
-    head_modules = ("classifier",)
     # Kept in full precision by `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` when the config
     # names no `llm_int8_skip_modules`: only the text decoder is quantized (the family's skip list, and the head).
-    quantization_skip_modules = (*VLM_FAMILIES["mllama"].quantization_skip_modules, *head_modules)
+    quantization_skip_modules = (*VLM_FAMILIES["mllama"].quantization_skip_modules, *ClassifierMixin.head_modules)
     # LoRA on the text decoder only: `target_modules=["q_proj", "v_proj"]` would also match the vision tower.
     lora_target_modules = VLM_FAMILIES["mllama"].lora_target_regex
 
     def __init__(self, config: ReceiptVLConfig):
         config.check_classifier_settings()
         super().__init__(config)
-        self.classifier = ClassificationHead(
-            config.text_config.hidden_size,
-            config.classifier_hidden_dims,
-            config.num_labels,
-            config.classifier_dropout_rates,
-            config.classifier_batch_norm,
-            config.classifier_activation,
-        )
+        self.build_classifier(config.text_config.hidden_size)
         self.post_init()
 
     @classmethod
-    def from_pretrained(
-        cls, *args, quantization_config: QuantizationConfigMixin | dict | None = None, **kwargs
-    ) -> "ReceiptVLClassifier":
-        # transformers' default bitsandbytes skip list holds only `lm_head` and the last module: it would quantize
-        # the vision tower, the projector and most of the head.
-        if isinstance(quantization_config, BitsAndBytesConfig) and quantization_config.llm_int8_skip_modules is None:
-            quantization_config = copy.deepcopy(quantization_config)
-            quantization_config.llm_int8_skip_modules = list(cls.quantization_skip_modules)
-        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
+    def quantization_skip_modules_for(cls, *args, **kwargs) -> list[str]:
+        return list(cls.quantization_skip_modules)
 
     @classmethod
     def lora_config_kwargs(cls) -> dict:
@@ -160,13 +131,7 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
             self._check_prompt(
                 input_ids, attention_mask, cross_attention_mask, images_per_sample, num_images, num_tiles
             )
-        if labels is not None:
-            check_tensor("labels", labels, (batch_size,), "(B,)")
-            if labels.is_floating_point() or labels.min() < 0 or labels.max() >= self.config.num_labels:
-                raise ValueError(
-                    f"labels must be class ids in [0, {self.config.num_labels}) of {self.config.id2label}, "
-                    f"got {labels.tolist()}."
-                )
+        self.check_labels(labels, batch_size)
 
     def _check_prompt(
         self,
@@ -214,7 +179,7 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
         language_modeling: bool = False,
         num_tiles: list[list[int]] | None = None,
         **kwargs,
-    ) -> ReceiptVLClassifierOutput:
+    ) -> VLMClassifierOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(B, images, tiles, 3, image_size, image_size)`):
             The tiled images, as the processor returns them.
@@ -258,11 +223,7 @@ class ReceiptVLClassifier(ModelCardMixin, SelfContainedCodeMixin, MllamaForCondi
             outputs = self.model(**mllama_inputs, use_cache=kwargs.pop("use_cache", False), **kwargs)
             pooled = last_token_state(outputs.last_hidden_state, attention_mask)
             hidden_states, attentions = outputs.hidden_states, outputs.attentions
-        logits = self.classifier(pooled)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels.to(logits.device))
-        return ReceiptVLClassifierOutput(
-            loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions, pooled_features=pooled
-        )
+        return self.classify(pooled, labels, hidden_states=hidden_states, attentions=attentions)
 
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)

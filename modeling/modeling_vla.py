@@ -23,9 +23,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..configuration.configuration_vla import VLAConfig
-from ..configuration.constants import HEAD_ACTIONS
-from ..processing.pipeline_vla_actions import ActionPredictionPipeline
-from .heads import MLP, FlowMatchingHead, check_tensor, last_token_state
+from ..configuration.constants import HEAD_ACTIONS, TASK_ACTION_PREDICTION
+from .heads import MLP, FlowMatchingHead, check_activations, check_tensor, last_token_state
 from .modeling_vlm_heads import VLMHeadPreTrainedModel, check_image_tokens, sequence_states
 
 # The token type a family's `generate` gives the tokens after the prompt, where that differs from 0: PaliGemma
@@ -106,13 +105,14 @@ class VLAForActionPrediction(VLMHeadPreTrainedModel):
     model_card_template = "vla.md"
     model_card_tags = ("robotics", "vision-language-action")
     pipeline_tag = "robotics"
-    pipeline_classes = {"action-prediction": ActionPredictionPipeline}
+    pipelines = {TASK_ACTION_PREDICTION: "..processing.pipeline_vla_actions.ActionPredictionPipeline"}
     # Every module a VLA may add; each model lists the ones it has in `self.head_modules`.
     head_modules: ClassVar[tuple[str, ...]] = ("action_head", "state_projector")
 
     def __init__(self, config: VLAConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config, backbone)
         config.check_action_settings()
+        check_activations(config, ("head_hidden_act",))
         hidden_size = config.hidden_size
         condition_dim = hidden_size
         if config.state_dim:

@@ -5,41 +5,21 @@
 import copy
 import os
 import re
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel
-from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import ModelOutput, can_return_tuple
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from transformers import AutoConfig, PreTrainedModel
 
-from ..configuration.configuration_vlm_classification import VLMClassificationConfig
 from ..configuration.configuration_vlm_heads import VLMHeadConfig
-from ..configuration.configuration_vlm_trajectory import VLMTrajectoryConfig
-from ..configuration.constants import HEAD_CLASSIFICATION, HEAD_TRAJECTORY
-from ..processing.pipeline_orion_trajectory import OrionTrajectoryPipeline
-from ..processing.pipeline_vlm_classification import VLMImageClassificationPipeline
-from ..publishing import ModelCardMixin, SelfContainedCodeMixin
+from ..publishing import ModelCardMixin
 from .families import POSITIONS_MROPE, VLMFamily, family_of, get_module, registry_names
-from .heads import (
-    ClassificationHead,
-    DrivingEmbeddings,
-    check_tensor,
-    init_head_module,
-    last_token_state,
-    masked_mean,
-    select_mode,
-    tiled_image_features,
-    trajectory_decoder,
-    waypoint_loss,
-)
+from .heads import init_head_module, tiled_image_features
+from .modeling_base import QuantizedLoadingMixin, SelfContainedModelMixin, with_skip_modules
 from .positions import ROPE_INPUTS, mrope_positions
 
 
-class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedCodeMixin, PreTrainedModel):
+class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedModelMixin, QuantizedLoadingMixin, PreTrainedModel):
     """Base of the heads: builds or wraps the backbone, keeps the heads in full precision under bitsandbytes and
     initialises the head layers with the one policy all vlmheads heads share."""
 
@@ -94,10 +74,10 @@ class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedCodeMixin, PreTrainedM
         if isinstance(backbone, str):
             checkpoint = _checkpoint_of(backbone)
             family = family_of(AutoConfig.from_pretrained(checkpoint, **_hub_kwargs(kwargs)))
-            quantization = kwargs.get("quantization_config")
-            if isinstance(quantization, BitsAndBytesConfig) and quantization.llm_int8_skip_modules is None:
-                kwargs["quantization_config"] = copy.deepcopy(quantization)
-                kwargs["quantization_config"].llm_int8_skip_modules = list(family.quantization_skip_modules)
+            if "quantization_config" in kwargs:
+                kwargs["quantization_config"] = with_skip_modules(
+                    kwargs["quantization_config"], list(family.quantization_skip_modules)
+                )
             backbone = family.model_cls.from_pretrained(checkpoint, **kwargs)
             config_kwargs.setdefault("base_model", checkpoint)
         elif kwargs:
@@ -105,6 +85,7 @@ class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedCodeMixin, PreTrainedM
         if not isinstance(backbone, PreTrainedModel):
             raise ValueError(f"backbone must be a model, a registry name or a checkpoint, got {type(backbone)}.")
         family_of(backbone.config)
+        cls.prepare_backbone(backbone, config_kwargs)
         config_kwargs.setdefault("base_model", getattr(backbone.config, "name_or_path", None) or None)
         # A copy: building a configuration resets its sub-configs' attention implementation, which the backbone's
         # own configuration must keep (the head then holds the backbone's configuration itself).
@@ -115,20 +96,18 @@ class VLMHeadPreTrainedModel(ModelCardMixin, SelfContainedCodeMixin, PreTrainedM
         return model
 
     @classmethod
-    def from_pretrained(
-        cls, *args, quantization_config: QuantizationConfigMixin | dict | None = None, **kwargs
-    ) -> "VLMHeadPreTrainedModel":
-        # transformers' default bitsandbytes skip list holds only the last module: it would quantize the vision
-        # tower, the projector and the head. Keep the family's skip list and the head in full precision.
-        if isinstance(quantization_config, BitsAndBytesConfig) and quantization_config.llm_int8_skip_modules is None:
-            config = kwargs.get("config") or cls.config_class.from_pretrained(*args[:1], **_hub_kwargs(kwargs))
-            family = family_of(config.backbone_config)
-            quantization_config = copy.deepcopy(quantization_config)
-            quantization_config.llm_int8_skip_modules = [
-                *(f"backbone.{name}" for name in family.quantization_skip_modules),
-                *cls.head_modules,
-            ]
-        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
+    def prepare_backbone(cls, backbone: PreTrainedModel, config_kwargs: dict) -> None:
+        """What a head changes on its backbone before `from_backbone` builds the configuration from the backbone's
+        (nothing by default); `config_kwargs` are the head configuration's settings."""
+
+    @classmethod
+    def quantization_skip_modules_for(cls, pretrained_model_name_or_path, **kwargs) -> list[str]:
+        """The backbone family's skip list (under `backbone.`) and the head modules."""
+        config = kwargs.get("config") or cls.config_class.from_pretrained(
+            pretrained_model_name_or_path, **_hub_kwargs(kwargs)
+        )
+        family = family_of(config.backbone_config)
+        return [*(f"backbone.{name}" for name in family.quantization_skip_modules), *cls.head_modules]
 
 
 def _checkpoint_of(name: str) -> str:
@@ -266,286 +245,17 @@ def check_image_tokens(config, input_ids: torch.LongTensor, has_images: bool) ->
         )
 
 
-def _batch_size(**tensors: torch.Tensor | None) -> int | None:
+def batch_size_of(**tensors: torch.Tensor | None) -> int | None:
+    """The batch size B the given tensors agree on (their first dimension), or None when none is given."""
     sizes = {name: tensor.shape[0] for name, tensor in tensors.items() if isinstance(tensor, torch.Tensor)}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"The inputs disagree on the batch size: {sizes}.")
     return next(iter(sizes.values()), None)
 
 
-class _DelegatedGeneration:
+class DelegatedGeneration:
     """`generate()` of a head runs its backbone's: the head reads the prompt, the backbone answers in text."""
 
     def generate(self, *args, **kwargs) -> torch.LongTensor:
         """The backbone's `generate`: same inputs (the processor's outputs), same token ids out."""
         return self.backbone.generate(*args, **kwargs)
-
-
-@dataclass
-class VLMClassifierOutput(ImageClassifierOutput):
-    r"""
-    pooled_features (`torch.FloatTensor` of shape `(B, H)`):
-        What the head read: the mean projected image feature (`pooling="vision"`) or the backbone's hidden state at
-        the last non-padding token (`pooling="multimodal"`).
-    """
-
-    pooled_features: torch.FloatTensor | None = None
-
-
-class VLMForImageClassification(_DelegatedGeneration, VLMHeadPreTrainedModel):
-    """Image (+ prompt) classification on any registered VLM family: the receipt classifier's head generalised.
-
-    `pooling="vision"`: images → `image_features` (B, N, H) → masked mean (B, H) → head → logits (B, num_labels);
-    the language model does not run. `pooling="multimodal"`: the prompt with its image tokens → `sequence_states`
-    (B, L, H) → state at the last non-padding token (B, H) → head. `generate()` answers in text with the backbone.
-    """
-
-    config: VLMClassificationConfig
-    config_class = VLMClassificationConfig
-    head_kind = HEAD_CLASSIFICATION
-    auto_classes = ("AutoModel", "AutoModelForImageClassification")
-    model_card_template = "vlm_classification.md"
-    pipeline_tag = "image-classification"
-    model_card_tags = ("image-classification",)
-    # The cross-entropy is a per-batch mean: the Trainer must average it over gradient accumulation itself.
-    accepts_loss_kwargs = False
-    head_modules = ("classifier",)
-
-    def __init__(self, config: VLMClassificationConfig, backbone: PreTrainedModel | None = None):
-        config.check_classifier_settings()
-        super().__init__(config, backbone)
-        if config.pooling == "multimodal":
-            # The head reads a prompt: the folder ships a pipeline that builds it. A "vision" head needs none:
-            # transformers' own image-classification pipeline feeds it the image processor's outputs.
-            self.pipeline_classes = {"image-classification": VLMImageClassificationPipeline}
-        self.classifier = ClassificationHead(
-            config.hidden_size,
-            config.classifier_hidden_dims,
-            config.num_labels,
-            config.classifier_dropout_rates,
-            config.classifier_batch_norm,
-            config.classifier_activation,
-        )
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.FloatTensor | None = None,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **backbone_inputs,
-    ) -> VLMClassifierOutput:
-        r"""
-        pixel_values (`torch.FloatTensor`):
-            The images as the family's processor returns them, with its other image inputs in `backbone_inputs`
-            (e.g. `image_grid_thw`, `aspect_ratio_ids`, `pixel_attention_mask`). One image per sample.
-        input_ids, attention_mask (`torch.LongTensor` of shape `(B, L)`, *optional*):
-            The prompt with the family's image token; read by `pooling="multimodal"` only.
-        labels (`torch.LongTensor` of shape `(B,)`, *optional*):
-            Class ids in `[0, num_labels)`; adds the cross-entropy `loss`.
-        backbone_inputs:
-            The processor's other outputs (`mm_token_type_ids`, `cross_attention_mask`, `token_type_ids`, ...).
-
-        Returns `logits` (B, num_labels), `pooled_features` (B, H) and, with `labels`, `loss`.
-        """
-        if pixel_values is None:
-            raise ValueError("pixel_values are required: the classifier reads the image.")
-        batch_size = _batch_size(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        if labels is not None:
-            check_tensor("labels", labels, (batch_size,), "(B,)")
-            if labels.is_floating_point() or labels.min() < 0 or labels.max() >= self.config.num_labels:
-                raise ValueError(
-                    f"labels must be class ids in [0, {self.config.num_labels}) of {self.config.id2label}, "
-                    f"got {labels.tolist()}."
-                )
-        if self.config.pooling == "vision":
-            image_inputs = {name: backbone_inputs.get(name) for name in self.family.image_inputs}
-            features, valid = image_features(self.backbone, **{**image_inputs, "pixel_values": pixel_values})
-            if batch_size is not None and features.shape[0] != batch_size:
-                raise ValueError(
-                    f"The images give features for {features.shape[0]} images but the batch has {batch_size} "
-                    'samples: pooling="vision" reads one image per sample.'
-                )
-            pooled = masked_mean(features, valid)
-        else:
-            if input_ids is None:
-                raise ValueError(
-                    'pooling="multimodal" reads the prompt: it needs input_ids holding the family\'s image token.'
-                )
-            check_image_tokens(self.config.backbone_config, input_ids, has_images=True)
-            states = sequence_states(
-                self.backbone,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values=pixel_values,
-                **backbone_inputs,
-            )
-            pooled = last_token_state(states, attention_mask)
-        logits = self.classifier(pooled)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels.to(logits.device))
-        return VLMClassifierOutput(loss=loss, logits=logits, pooled_features=pooled)
-
-
-@dataclass
-class VLMTrajectoryOutput(ModelOutput):
-    r"""
-    loss (`torch.FloatTensor`, *optional*):
-        The waypoint loss (the flow-matching loss for `trajectory_head="flow"`), when `ego_waypoints` are given.
-    trajectory (`torch.FloatTensor` of shape `(B, num_waypoints, waypoint_dim)`):
-        Predicted ego waypoints of the commanded mode (of the only mode when `num_modes` is 1).
-    trajectory_modes (`torch.FloatTensor` of shape `(B, num_modes, num_waypoints, waypoint_dim)`):
-        The waypoints of every mode.
-    ego_features (`torch.FloatTensor` of shape `(B, H)`):
-        The backbone's last hidden state at the `<ego_wp>` token.
-    """
-
-    loss: torch.FloatTensor | None = None
-    trajectory: torch.FloatTensor | None = None
-    trajectory_modes: torch.FloatTensor | None = None
-    ego_features: torch.FloatTensor | None = None
-
-
-class VLMForTrajectory(_DelegatedGeneration, VLMHeadPreTrainedModel):
-    """The Orion driving head on any registered VLM family.
-
-    Scene queries (B, Ns, Ds), history queries (B, Nh, Dh) and the CAN-bus vector (B, Dc) are projected to the
-    width H and replace the embeddings of their placeholder tokens (`DrivingEmbeddings`, shared with the Orion
-    models); the backbone reads the prompt with its images (`sequence_states`), and its state at `<ego_wp>` (B, H)
-    feeds the trajectory head (`"mlp"` or `"flow"`) → waypoints (B, T, D). The placeholders need token ids: add
-    them to the family's processor with `DrivingPlaceholders`, grow the backbone's embeddings to the tokenizer
-    (`resize_token_embeddings`) and pass `placeholders.model_config_kwargs()` to the config.
-    """
-
-    config: VLMTrajectoryConfig
-    config_class = VLMTrajectoryConfig
-    head_kind = HEAD_TRAJECTORY
-    model_card_template = "vlm_trajectory.md"
-    pipeline_tag = "robotics"
-    model_card_tags = ("autonomous-driving", "trajectory-prediction")
-    pipeline_classes = {"trajectory-prediction": OrionTrajectoryPipeline}
-    accepts_loss_kwargs = False
-    head_modules = ("driving_embeddings", "trajectory_decoder")
-
-    def __init__(self, config: VLMTrajectoryConfig, backbone: PreTrainedModel | None = None):
-        config.check_driving_settings()
-        super().__init__(config, backbone)
-        self.driving_embeddings = DrivingEmbeddings(config, config.hidden_size)
-        self.trajectory_decoder = trajectory_decoder(config, config.hidden_size)
-        self.post_init()
-
-    def _check_driving_inputs(self, batch_size: int, **tensors: torch.Tensor | None) -> None:
-        config = self.config
-        expected = {
-            "scene_queries": ((batch_size, None, config.scene_query_dim), "(B, Ns, scene_query_dim)"),
-            "history_queries": ((batch_size, None, config.history_query_dim), "(B, Nh, history_query_dim)"),
-            "can_bus": ((batch_size, config.can_bus_dim), "(B, can_bus_dim)"),
-            "ego_waypoints": (
-                (batch_size, config.num_waypoints, config.waypoint_dim),
-                "(B, num_waypoints, waypoint_dim)",
-            ),
-            "command": ((batch_size,), "(B,)"),
-        }
-        for name, (shape, layout) in expected.items():
-            if tensors[name] is not None:
-                check_tensor(name, tensors[name], shape, layout)
-        command = tensors["command"]
-        if command is not None and (
-            command.is_floating_point() or command.min() < 0 or command.max() >= config.num_modes
-        ):
-            raise ValueError(f"command must hold mode indices in [0, {config.num_modes}), got {command.tolist()}.")
-        if tensors["ego_waypoints"] is not None and config.num_modes > 1 and command is None:
-            raise ValueError(f"command (B,) is required to train a model with num_modes={config.num_modes}.")
-
-    def _ego_features(self, input_ids: torch.LongTensor, states: torch.Tensor) -> torch.Tensor | None:
-        """The state (B, H) at each prompt's `<ego_wp>`, or None when no prompt holds one (plain questions)."""
-        ego_id = self.config.ego_token_id
-        if ego_id is None:
-            raise ValueError("config.ego_token_id is not set: add the placeholders with DrivingPlaceholders.")
-        ego_mask = input_ids == ego_id
-        per_sample = ego_mask.sum(dim=1)
-        if not per_sample.any():
-            return None
-        if (per_sample != 1).any():
-            raise ValueError(
-                f"Each prompt needs exactly one <ego_wp> token (id {ego_id}); input_ids hold {per_sample.tolist()}."
-            )
-        return states[ego_mask]
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        scene_queries: torch.FloatTensor | None = None,
-        history_queries: torch.FloatTensor | None = None,
-        can_bus: torch.FloatTensor | None = None,
-        command: torch.LongTensor | None = None,
-        ego_waypoints: torch.FloatTensor | None = None,
-        **backbone_inputs,
-    ) -> VLMTrajectoryOutput:
-        r"""
-        input_ids, attention_mask (`torch.LongTensor` of shape `(B, L)`):
-            The prompt: expanded driving placeholders, one `<ego_wp>`, and the family's image tokens with images.
-            Prompts without `<ego_wp>` (plain questions) give an output without trajectory.
-        pixel_values (`torch.FloatTensor`, *optional*):
-            Camera images as the family's processor returns them, its other outputs in `backbone_inputs`.
-        scene_queries (`torch.FloatTensor` of shape `(B, Ns, scene_query_dim)`, *optional*):
-            One row per `<scene>` token of each sample.
-        history_queries (`torch.FloatTensor` of shape `(B, Nh, history_query_dim)`, *optional*):
-            One row per `<history>` token of each sample.
-        can_bus (`torch.FloatTensor` of shape `(B, can_bus_dim)`, *optional*):
-            Ego CAN-bus state, for the one `<can_bus>` token of each sample.
-        command (`torch.LongTensor` of shape `(B,)`, *optional*):
-            Navigation command picking the trajectory mode; required to train when `num_modes` > 1.
-        ego_waypoints (`torch.FloatTensor` of shape `(B, num_waypoints, waypoint_dim)`, *optional*):
-            Target waypoints; adds the waypoint loss.
-        """
-        if input_ids is None:
-            raise ValueError("input_ids are required: the trajectory is read at the prompt's <ego_wp> token.")
-        batch_size = _batch_size(input_ids=input_ids, attention_mask=attention_mask)
-        self._check_driving_inputs(
-            batch_size,
-            scene_queries=scene_queries,
-            history_queries=history_queries,
-            can_bus=can_bus,
-            ego_waypoints=ego_waypoints,
-            command=command,
-        )
-        check_image_tokens(self.config.backbone_config, input_ids, has_images=pixel_values is not None)
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds = self.driving_embeddings(input_ids, inputs_embeds, scene_queries, history_queries, can_bus)
-        if pixel_values is not None:
-            backbone_inputs["pixel_values"] = pixel_values
-        states = sequence_states(
-            self.backbone,
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            **backbone_inputs,
-        )
-        ego_features = self._ego_features(input_ids, states)
-        if ego_features is None:
-            if ego_waypoints is not None:
-                raise ValueError(
-                    "ego_waypoints were given but input_ids hold no <ego_wp> token to read a trajectory at."
-                )
-            return VLMTrajectoryOutput(ego_features=None)
-        trajectory_modes = self.trajectory_decoder(ego_features)
-        trajectory = None
-        if self.config.num_modes == 1:
-            trajectory = trajectory_modes[:, 0]
-        elif command is not None:
-            trajectory = select_mode(trajectory_modes, command)
-        loss = None
-        if ego_waypoints is not None:
-            if self.config.trajectory_head == "flow":
-                loss = self.trajectory_decoder.loss(ego_features, ego_waypoints, command)
-            else:
-                loss = waypoint_loss(trajectory, ego_waypoints, self.config.waypoint_loss)
-            loss = self.config.waypoint_loss_weight * loss
-        return VLMTrajectoryOutput(
-            loss=loss, trajectory=trajectory, trajectory_modes=trajectory_modes, ego_features=ego_features
-        )

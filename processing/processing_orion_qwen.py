@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 from ..configuration.constants import CAN_BUS_TOKEN, EGO_TOKEN, HISTORY_TOKEN, SCENE_TOKEN
-from ..publishing import SelfContainedCodeMixin
+from ..configuration.remote_code import SelfContainedCodeMixin
 from .image_inputs import open_images
 from .processing_driving_placeholders import (
     DRIVING_FEATURES,

@@ -14,7 +14,7 @@ from transformers import MllamaProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 from ..configuration.configuration_receipt_vl import RECEIPT_COUNT_LABELS
-from ..publishing import SelfContainedCodeMixin
+from ..configuration.remote_code import SelfContainedCodeMixin
 from .image_inputs import open_image
 
 DEFAULT_QUESTION = "How many receipts are in this photo?"

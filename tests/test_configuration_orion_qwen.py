@@ -42,7 +42,7 @@ INVALID = {
     "placeholder on image token": ({"can_bus_token_id": 5}, r"can_bus_token_id and image_token_id share the id 5"),
     "unknown loss": ({"waypoint_loss": "huber"}, r"waypoint_loss must be one of"),
     "negative loss weight": ({"lm_loss_weight": -1.0}, r"lm_loss_weight must be non-negative"),
-    "unknown activation": ({"trajectory_hidden_act": "swishy"}, r"trajectory_hidden_act must be one of"),
+    "empty activation": ({"trajectory_hidden_act": ""}, r"trajectory_hidden_act must name an activation"),
     "unknown trajectory head": ({"trajectory_head": "vae"}, r"trajectory_head must be one of \('mlp', 'flow'\)"),
     "zero flow steps": ({"flow_num_steps": 0}, r"flow_num_steps must be a positive integer, got 0"),
     "displacement stats of another width": (
@@ -58,6 +58,13 @@ def test_invalid_settings_raise_at_construction(family, case):
     overrides, message = INVALID[case]
     with pytest.raises(ValueError, match=message):
         small_config(family, **overrides)
+
+
+def test_an_unknown_activation_is_refused_when_the_model_is_built(family):
+    # Configurations import no torch; transformers' activation table does, so the model checks the name.
+    config = small_config(family, projector_hidden_act="swishy")
+    with pytest.raises(ValueError, match="projector_hidden_act must be one of transformers' activations"):
+        family.model(config)
 
 
 def test_from_pretrained_overrides_are_checked_when_the_model_is_built(family, tmp_path):

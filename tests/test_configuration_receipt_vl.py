@@ -38,7 +38,7 @@ def test_labels_can_be_named_or_counted():
         ({"classifier_hidden_dims": [64, 0]}, "classifier_hidden_dims must hold positive widths, got [64, 0]"),
         ({"classifier_dropout_rates": [0.1]}, "needs one rate per hidden layer: 2 for classifier_hidden_dims"),
         ({"classifier_dropout_rates": [0.2, 1.0]}, "classifier_dropout_rates must lie in [0, 1), got [0.2, 1.0]"),
-        ({"classifier_activation": "swishy"}, "classifier_activation must be one of transformers' activations"),
+        ({"classifier_activation": ""}, "classifier_activation must name an activation"),
     ],
 )
 def test_invalid_settings_are_clear_errors_at_construction(settings, message):
@@ -49,6 +49,8 @@ def test_invalid_settings_are_clear_errors_at_construction(settings, message):
 
 def test_settings_given_to_from_pretrained_are_checked_when_the_model_is_built(tmp_path):
     make_plain_mllama(make_processor()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="classifier_activation must be one of transformers' activations"):
+        ReceiptVLClassifier.from_pretrained(tmp_path, classifier_activation="swishy")
     with pytest.raises(ValueError, match="pooling must be one of"):
         ReceiptVLClassifier.from_pretrained(tmp_path, pooling="cls")
     with pytest.raises(ValueError, match="classifier_dropout_rates needs one rate per hidden layer"):

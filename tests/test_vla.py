@@ -148,12 +148,19 @@ def test_normalization_statistics_set_the_config():
         ({"action_dim": 1, "action_std": [0.0]}, "action_std must be positive"),
         ({"action_dim": 1, "action_low": [1.0], "action_high": [1.0]}, "action_high must exceed action_low"),
         ({"state_dim": 1, "state_std": [float("nan")]}, "state_std must be finite"),
-        ({"head_hidden_act": "swishy"}, "head_hidden_act must be"),
+        ({"head_hidden_act": ""}, "head_hidden_act must name an activation"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_setting_named(settings, message):
     with pytest.raises(ValueError, match=message):
         VLAConfig(backbone_config=tiny_vlm_config(FAST_FAMILY), **settings)
+
+
+def test_an_unknown_activation_is_refused_when_the_model_is_built():
+    # Configurations import no torch; transformers' activation table does, so the model checks the name.
+    config = VLAConfig(backbone_config=tiny_vlm_config(FAST_FAMILY), head_hidden_act="swishy")
+    with pytest.raises(ValueError, match="head_hidden_act must be one of transformers' activations, got 'swishy'"):
+        VLAForActionPrediction(config)
 
 
 @pytest.fixture(scope="module")
