@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "Meta-World closed loop: `collect` expert demonstrations, `evaluate` a policy's task success",
     ),
+    "drive": ("vlmheads.closed_loop.driving", "main", "highway-env closed loop: `collect` demonstrations, `evaluate`"),
 }
 
 
