@@ -54,6 +54,7 @@ from vlmheads.offline import orion_backbone, tiny_orion_model, tiny_orion_proces
 from vlmheads.processing.collator_orion_qwen import OrionDataCollator
 from vlmheads.training.cards import ModelCardTrainer
 from vlmheads.training.orion import TrajectoryMetrics, add_lora, displacement_statistics, freeze_backbone
+from vlmheads.training.runs import ScriptTrainingArguments
 from vlmheads.training.tracking import log_report, prepare_tracking
 
 METRICS = ("L2@1s", "L2@2s", "L2@3s", "ADE", "FDE")
@@ -109,7 +110,7 @@ class DataArguments:
 
 
 @dataclass
-class OrionTrainingArguments(TrainingArguments):
+class OrionTrainingArguments(ScriptTrainingArguments):
     """TrainingArguments whose defaults train the tiny offline demo in under a minute on 2 CPU cores."""
 
     output_dir: str = field(default="outputs/orion_demo")
@@ -125,11 +126,6 @@ class OrionTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(default_factory=lambda: ["ego_waypoints"])
     # Frozen or unused parts (the vision tower of a text-only batch) must not stop DDP.
     ddp_find_unused_parameters: bool | None = field(default=True)
-
-    def __post_init__(self):
-        # Without CUDA, the Trainer runs DDP over gloo only with use_cpu; otherwise each torchrun process runs alone.
-        self.use_cpu = self.use_cpu or not torch.cuda.is_available()
-        super().__post_init__()
 
 
 def build_model(args: ModelArguments, seed: int, **head) -> tuple[ProcessorMixin, PreTrainedModel]:

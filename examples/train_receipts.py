@@ -46,6 +46,7 @@ from vlmheads.data.receipts import (
 from vlmheads.metrics import load_metric
 from vlmheads.offline import tiny_mllama_model, tiny_receipt_processor
 from vlmheads.training.cards import ModelCardTrainer
+from vlmheads.training.runs import ScriptTrainingArguments
 from vlmheads.training.tracking import log_report, prepare_tracking
 
 matplotlib.use("Agg")
@@ -81,7 +82,7 @@ class ReceiptArguments:
 
 
 @dataclass
-class ReceiptTrainingArguments(TrainingArguments):
+class ReceiptTrainingArguments(ScriptTrainingArguments):
     """`TrainingArguments` with defaults that train the tiny offline model in seconds; pass your own for real ones."""
 
     num_train_epochs: float = field(default=8)
@@ -91,11 +92,6 @@ class ReceiptTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="no")
     # The collator reads the `image` column, which the Trainer would otherwise drop as unknown to forward().
     remove_unused_columns: bool = field(default=False)
-
-    def __post_init__(self):
-        # Without CUDA, DDP (torchrun, accelerate launch --multi_gpu) runs over gloo only with use_cpu.
-        self.use_cpu = self.use_cpu or not torch.cuda.is_available()
-        super().__post_init__()
 
 
 class ReceiptCollator:
@@ -236,7 +232,7 @@ def main() -> None:
             f"{type(model).__name__}: {trainable:,} trainable parameters; {len(train_set)} training and "
             f"{len(eval_set)} held-out photos; {training_args.world_size} process(es)"
         )
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     prediction = trainer.predict(eval_set)
     if not trainer.is_world_process_zero():
         return

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 from PIL import Image
-from transformers import AutoModel, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoModel, HfArgumentParser, set_seed
 
 from vlmheads.data.manipulation import BACKGROUND, load_lerobot_episodes, synthetic_manipulation_dataset
 from vlmheads.modeling.modeling_vla import VLAForActionPrediction
 from vlmheads.processing.collator_vla import VLADataCollator
 from vlmheads.registry.vlms import create_vlm, load_processor, resolve_vlm
 from vlmheads.training.cards import ModelCardTrainer
+from vlmheads.training.runs import ScriptTrainingArguments
 from vlmheads.training.vla import (
     ActionMetrics,
     action_errors,
@@ -69,7 +69,7 @@ class DataArguments:
 
 
 @dataclass
-class VLATrainingArguments(TrainingArguments):
+class VLATrainingArguments(ScriptTrainingArguments):
     """TrainingArguments whose defaults train the tiny offline demo in a few minutes on 2 CPU cores."""
 
     output_dir: str = field(default="outputs/vla_demo")
@@ -83,10 +83,6 @@ class VLATrainingArguments(TrainingArguments):
     # The records' columns are not forward() arguments, and the actions are what the metrics compare.
     remove_unused_columns: bool = field(default=False)
     label_names: list[str] | None = field(default_factory=lambda: ["actions"])
-
-    def __post_init__(self):
-        self.use_cpu = self.use_cpu or not torch.cuda.is_available()
-        super().__post_init__()
 
 
 def load_data(args: DataArguments, chunk_size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -10,8 +10,9 @@ from huggingface_hub import HfApi, ModelCard
 from orion_helpers import FAMILIES, driving_batch, small_model
 from receipt_helpers import make_model
 from receipt_helpers import make_processor as make_receipt_processor
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModel, Trainer, TrainingArguments
 
+from vlmheads.publishing import dataset_name
 from vlmheads.training.cards import ModelCardTrainer
 from vlmheads.training.orion import TrajectoryMetrics
 
@@ -217,3 +218,52 @@ def test_the_receipt_card_carries_the_same_facts_after_save_pretrained_and_uploa
         ("image-classification", "macro_f1", 0.85),
     }
     assert "| learning_rate | 5e-05 |" in card.text and "| num_epochs | 3 |" in card.text
+
+
+def test_a_reloaded_model_publishes_the_same_card_and_its_processor(hub, tmp_path, shared_processors):
+    _, model = trained(tmp_path)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    shared_processors(FAMILIES["qwen2_vl"]).save_pretrained(folder)
+    (folder / "report.png").write_bytes(b"\x89PNG\r\n")
+    local_data = tmp_path / "drive_logs"
+    local_data.mkdir()
+    (local_data / "train.parquet").write_bytes(b"")
+    table = {"trained model": {"ADE": 0.5, "FDE": 1.0}, "constant velocity": {"ADE": 2.0, "FDE": 4.0}}
+    datasets = [str(local_data / "train.parquet"), f"{local_data}/*.parquet", "team/driving-logs"]
+    model.write_model_card(folder, metrics=table, model_row="trained model", datasets=datasets, images=["report.png"])
+
+    AutoModel.from_pretrained(folder).push_to_hub("team/reloaded")
+
+    (upload,) = hub
+    card = ModelCard(upload["card"])
+    assert {(result.metric_type, result.metric_value) for result in card.data.eval_results} == {
+        ("ADE", 0.5),
+        ("FDE", 1.0),
+    }
+    assert card.data.model_name == "reloaded" and card.data.base_model == BASE
+    assert card.data.datasets == ["team/driving-logs"] and "on drive_logs, team/driving-logs." in card.text
+    assert str(tmp_path) not in upload["card"]
+    assert "| learning_rate | 0.001 |" in card.text and "| constant velocity | 2.000 | 4.000 |" in card.text
+    assert {"processor_config.json", "tokenizer.json", "report.png", "model_card.json"} <= upload["files"]
+
+
+def test_a_model_without_a_processor_folder_publishes_without_one(hub, tmp_path):
+    _, model = trained(tmp_path)
+    model.push_to_hub("team/bare")
+    assert "processor_config.json" not in hub[0]["files"]
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ("team/driving-logs", "team/driving-logs"),
+        ("/data/drive/train-*.parquet", "drive"),
+        ("/data/drive/", "drive"),
+        ("data/drive/val.parquet", "drive"),
+        ("train.parquet", "train.parquet"),
+        ("synthetic driving set", "synthetic driving set"),
+    ],
+)
+def test_local_paths_are_named_by_their_folder(given, named):
+    assert dataset_name(given) == named

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,9 @@ def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
     checkpointing = [*SHORT_RUN[:4], "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4"]
     checkpointing += ["--logging_steps", "1", "--disable_tqdm", "true"]
     run([sys.executable, str(SCRIPT), *checkpointing, "--output_dir", str(tmp_path / "full")])
-    resume = ["--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-4")]
+    # The run as if it had stopped after step 4: its folder holds a model, which resuming may replace.
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint-8"))
+    resume = ["--resume_from_checkpoint", "True"]
     run([sys.executable, str(SCRIPT), *checkpointing, *resume, "--output_dir", str(tmp_path / "resumed")])
 
     def losses(folder: str) -> dict[int, float]:
@@ -87,6 +90,13 @@ def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(tmp_path):
     assert sorted(full) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), (step, full, resumed)
+    # train_loss covers the whole run, not only the resumed steps.
+    train_loss = {
+        folder: json.loads((tmp_path / folder / "train_results.json").read_text())["train_loss"]
+        for folder in ("full", "resumed")
+    }
+    assert train_loss["resumed"] == pytest.approx(train_loss["full"], rel=1e-5)
+    assert train_loss["full"] == pytest.approx(np.mean(list(full.values())), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -11,13 +11,15 @@ from transformers import Trainer
 from transformers.modelcard import TrainingSummary, extract_hyperparameters_from_trainer
 
 from ..publishing import ModelCardMixin
+from .runs import WholeRunLossMixin
 
 # What `Trainer.evaluate` reports besides the metrics themselves.
 EVALUATION_SPEED = ("runtime", "samples_per_second", "steps_per_second")
 
 
-class ModelCardTrainer(Trainer):
-    """`Trainer` whose `push_to_hub()` / `--push_to_hub` upload the vlmheads model card instead of the generic one.
+class ModelCardTrainer(WholeRunLossMixin, Trainer):
+    """`Trainer` whose `push_to_hub()` / `--push_to_hub` upload the vlmheads model card instead of the generic one,
+    and whose `train_loss` after a resume covers the whole run (`WholeRunLossMixin`).
 
     It records on the model what the card reports: the training hyper-parameters (at construction), one metrics
     row per `evaluate(metric_key_prefix=...)` (the row "eval" is the model's own score, published as `model-index`),
