@@ -218,6 +218,7 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
             image_token="<image>",
             image_token_expansion="(image_size / patch_size)^2 tokens per image (576 at 336 px, patch 14)",
             checkpoints={"llava-v1.5-7b": "llava-hf/llava-1.5-7b-hf", "llava-v1.5-13b": "llava-hf/llava-1.5-13b-hf"},
+            pipeline_splittable=True,
             **_LLAVA_LIKE,
         ),
         VLMFamily(

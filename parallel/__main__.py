@@ -1,14 +1,21 @@
 """Pipeline-parallel generation with torchrun: one process per stage; rank 0 serves HTTP or runs a batch file.
 
     python -m vlmheads.parallel prepare --model DIR --stages 2 --out SHARDS
-    torchrun --nproc-per-node 2 -m vlmheads.parallel --model SHARDS --port 8000
-    torchrun --nproc-per-node 2 -m vlmheads.parallel --model DIR --prompts in.jsonl --output out.jsonl
+    torchrun --standalone --nproc-per-node 2 -m vlmheads.parallel --model SHARDS --port 8000
+    torchrun --standalone --nproc-per-node 2 -m vlmheads.parallel --model DIR --prompts in.jsonl --output out.jsonl
 
-Each line of a prompts file is a JSON object with `messages` (a chat, given to the processor's chat template;
-image parts may name files: {"type": "image", "path": "cam.png"}) or `inputs` (a .safetensors file holding the
-processor's outputs for one prompt), and optionally `id`, `max_new_tokens` (16), `temperature`, `top_p`, `seed`,
-`stop_token_ids`. The output file holds one line per prompt: `id`, `token_ids`, `text` (with a processor),
-`finish_reason` and `error`.
+`prepare` writes one shard per stage and `pipeline_plan.json` (layers, shard, SHA-256 of each stage), so that each
+process reads only its slice; without it every process loads the whole folder and prunes it.
+
+A prompts file holds one JSON object per line, in either of two formats:
+- OpenAI's batch format: `custom_id`, `method` ("POST"), `url` ("/v1/chat/completions") and `body`, a chat
+  completion request (`messages` with text and `image_url` data URLs, `max_tokens` or `max_completion_tokens`,
+  `temperature`, `top_p`, `seed`). Its output line is OpenAI's: `id`, `custom_id`, `response` (`status_code`,
+  `request_id`, `body`: a `chat.completion`) and `error`.
+- vlmheads' own: `messages` (a chat, given to the processor's chat template; image parts may name files:
+  {"type": "image", "path": "cam.png"}) or `inputs` (a .safetensors file holding the processor's outputs for one
+  prompt), and optionally `id`, `max_new_tokens` (16), `temperature`, `top_p`, `seed`, `stop_token_ids`. Its output
+  line holds `id`, `token_ids`, `text` (with a processor), `finish_reason` and `error`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import argparse
 import datetime
 import json
 import os
+import secrets
+import signal
 import sys
 import threading
 import time
@@ -49,11 +58,26 @@ def parse_prepare_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, required=True)
     parser.add_argument("--layers", default=None, help="Layers per stage, e.g. 3,5 (default: balanced by size).")
     parser.add_argument("--out", required=True, help="The folder to write the shards and plan to.")
+    _add_trust_argument(parser)
     return parser.parse_args(argv)
 
 
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Run the model folder's own code. vlmheads' own model types load from the installed package without it.",
+    )
+
+
 def parse_run_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="torchrun ... -m vlmheads.parallel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="torchrun --standalone --nproc-per-node N -m vlmheads.parallel",
+        description=__doc__.splitlines()[0],
+        epilog="Write per-stage shards first with `python -m vlmheads.parallel prepare --model DIR --stages N --out "
+        "SHARDS` (see `python -m vlmheads.parallel prepare --help`). The prompts file formats are in the module "
+        "docstring: `python -c 'import vlmheads.parallel.__main__ as m; print(m.__doc__)'`.",
+    )
     parser.add_argument("--model", required=True, help="A prepared folder, or a saved model folder.")
     parser.add_argument("--stages", type=int, default=None, help="Must equal the world size (default: it).")
     parser.add_argument("--layers", default=None, help="Layers per stage, e.g. 3,5 (default: balanced by size).")
@@ -66,10 +90,24 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--max-active", type=int, default=16, help="Requests the pipeline holds at once.")
-    parser.add_argument("--max-context", type=int, default=None, help="Longest prompt + completion, in tokens.")
+    parser.add_argument(
+        "--max-model-len",
+        "--max-context",
+        dest="max_model_len",
+        type=int,
+        default=None,
+        help="Longest prompt + completion, in tokens (the server's flag; --max-context is an alias).",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="Seconds a stage may stay silent.")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; then NCCL).")
+    parser.add_argument(
+        "--no-verify-shards",
+        dest="verify_shards",
+        action="store_false",
+        help="Skip checking each prepared shard's SHA-256 against pipeline_plan.json.",
+    )
+    _add_trust_argument(parser)
     args = parser.parse_args(argv)
     if (args.prompts is None) != (args.output is None):
         parser.error("--prompts and --output go together.")
@@ -80,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:
         args = parse_prepare_args(argv[1:])
-        plan = prepare(args.model, args.out, args.stages, _layer_counts(args.layers))
+        plan = prepare(args.model, args.out, args.stages, _layer_counts(args.layers), args.trust_remote_code)
         print(json.dumps(plan.to_dict()))
         return
     args = parse_run_args(argv)
@@ -106,10 +144,12 @@ def run(args: argparse.Namespace) -> None:
     if num_stages != world_size:
         raise ValueError(f"--stages {num_stages} needs as many processes; torchrun started {world_size}.")
     header_group = dist.new_group(backend="gloo", timeout=process_group_timeout) if device.type == "cuda" else None
-    model, plan = load_stage_model(args.model, rank, num_stages, _layer_counts(args.layers))
+    model, plan = load_stage_model(
+        args.model, rank, num_stages, _layer_counts(args.layers), args.trust_remote_code, args.verify_shards
+    )
     stage = StageModel(model.to(device), plan, rank)
     # Everything slow happens before the stages meet: from then on, a silent stage counts as failed.
-    processor = _load_processor(args.model) if rank == 0 else None
+    processor = _load_processor(args.model, args.trust_remote_code) if rank == 0 else None
     if rank == 0 and args.prompts is None and processor is None:
         raise ValueError(f"Serving needs the model's processor; {args.model} holds none.")
     layouts = [None] * world_size
@@ -126,9 +166,19 @@ def run(args: argparse.Namespace) -> None:
     link = None
     if num_stages > 1:
         link = StageLink(
-            rank, num_stages, args.timeout, device, stage.text_config.hidden_size, stage.dtype, header_group
+            rank,
+            num_stages,
+            args.timeout,
+            device,
+            stage.text_config.hidden_size,
+            stage.dtype,
+            header_group,
+            stage.position_rows,
         )
     if rank > 0:
+        # SIGTERM (torchrun passes it to every process) is rank 0's to handle: it drains the requests in flight,
+        # then sends SHUTDOWN round the ring, on which this stage stops.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         run_worker(stage, link)
         dist.destroy_process_group()
         return
@@ -142,7 +192,7 @@ def run(args: argparse.Namespace) -> None:
         link,
         processor=processor,
         model_id=args.served_model_name or Path(args.model).resolve().name,
-        max_context=args.max_context,
+        max_context=args.max_model_len,
         max_active=args.max_active,
         on_failure=on_failure,
     )
@@ -157,12 +207,15 @@ def run(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _load_processor(model_dir: str) -> Any:
+def _load_processor(model_dir: str, trust_remote_code: bool = False) -> Any:
     """The processor saved with the model, or None when the folder holds none (batch mode with `inputs` files)."""
     folder = Path(model_dir)
     if not any((folder / name).is_file() for name in ("processor_config.json", "tokenizer_config.json")):
         return None
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+OPENAI_BATCH_URL = "/v1/chat/completions"
 
 
 def _request_inputs(line: dict[str, Any], processor: Any, base: Path) -> dict[str, Any]:
@@ -184,49 +237,145 @@ def _request_inputs(line: dict[str, Any], processor: Any, base: Path) -> dict[st
     )
 
 
-def run_batch(engine: PipelineEngine, prompts: Path, output: Path) -> None:
-    """Submits every prompt at once, waits for all, writes the results in the prompts' order."""
-    lines = [json.loads(text) for text in prompts.read_text().splitlines() if text.strip()]
-    results: dict[str, dict[str, Any]] = {}
-    done = threading.Semaphore(0)
+class BatchLine:
+    """One line of a prompts file: its request, and how its result is written (vlmheads' or OpenAI's format)."""
 
-    def collect(event: TokenEvent) -> None:
-        result = results[event.request_id]
-        if event.token_id is not None:
-            result["token_ids"].append(event.token_id)
-        if event.finish_reason is not None:
-            result["finish_reason"], result["error"] = event.finish_reason, event.error
-            done.release()
-
-    started = time.perf_counter()
-    for index, line in enumerate(lines):
-        request_id = str(line.get("id", index))
-        results[request_id] = {"id": request_id, "token_ids": [], "finish_reason": None, "error": None}
+    def __init__(self, index: int, text: str, engine: PipelineEngine, base: Path, done: threading.Semaphore):
+        self.done = done
         try:
-            inputs = _request_inputs(line, engine.processor, prompts.parent)
-        except ValueError as error:
-            collect(TokenEvent(request_id, None, "error", str(error)))
-            continue
-        request = GenerationRequest(
-            request_id=request_id,
-            inputs=inputs,
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            line = {"invalid": f"line {index + 1} is not JSON ({error})"}
+        self.openai = isinstance(line, dict) and "custom_id" in line
+        self.request_id = str(line["custom_id"] if self.openai else index)
+        if isinstance(line, dict) and not self.openai:
+            self.request_id = str(line.get("id", index))
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.client_error = True
+        self.prompt_tokens = 0
+        self.request: GenerationRequest | None = None
+        try:
+            if isinstance(line, dict) and "invalid" in line:
+                raise ValueError(line["invalid"])
+            self.request = self._openai_request(line, engine) if self.openai else self._request(line, engine, base)
+            self.prompt_tokens = int(self.request.inputs["input_ids"].shape[1])
+        except (ValueError, TypeError, KeyError) as error:
+            self.finish_reason, self.error = "error", f"{type(error).__name__}: {error}"
+
+    def _request(self, line: Any, engine: PipelineEngine, base: Path) -> GenerationRequest:
+        if not isinstance(line, dict):
+            raise ValueError(f"A prompt line must be a JSON object, got {type(line).__name__}.")
+        return GenerationRequest(
+            request_id=self.request_id,
+            inputs=_request_inputs(line, engine.processor, base),
             max_new_tokens=int(line.get("max_new_tokens", 16)),
             temperature=float(line.get("temperature", 0.0)),
             top_p=float(line.get("top_p", 1.0)),
             seed=line.get("seed"),
             stop_token_ids=tuple(line.get("stop_token_ids", ())),
         )
-        engine.submit(request, collect)
-    for _ in lines:
+
+    def _openai_request(self, line: dict[str, Any], engine: PipelineEngine) -> GenerationRequest:
+        # The server's own request schema and chat handling (the `serve` extra).
+        from ..serve.app import APIError, Server, ServerLimits
+        from ..serve.openai_protocol import ChatCompletionRequest
+
+        if line.get("method") != "POST" or line.get("url") != OPENAI_BATCH_URL:
+            raise ValueError(
+                f"OpenAI batch lines must be POST {OPENAI_BATCH_URL}; got {line.get('method')!r} {line.get('url')!r}."
+            )
+        body = ChatCompletionRequest.model_validate(line.get("body"))
+        if body.stream or body.stop_strings:
+            raise ValueError("body: stream and stop are not taken in a batch file.")
+        server = Server(engine, ServerLimits())
+        try:
+            inputs = server.chat_inputs(body)
+        except APIError as error:
+            raise ValueError(error.message) from error
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        limit = body.completion_limit or engine.max_context - prompt_tokens
+        return GenerationRequest(
+            request_id=self.request_id,
+            inputs=inputs,
+            max_new_tokens=limit,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop_token_ids=server.stop_token_ids,
+        )
+
+    def on_event(self, event: TokenEvent) -> None:
+        """Records an event; releases `done` at the request's last one."""
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+        if event.finish_reason is not None:
+            self.finish_reason, self.error, self.client_error = event.finish_reason, event.error, event.client_error
+            self.done.release()
+
+    def result(self, tokenizer: Any, model_id: str) -> dict[str, Any]:
+        text = None if tokenizer is None else tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if not self.openai:
+            result = {"id": self.request_id, "token_ids": self.token_ids, "finish_reason": self.finish_reason}
+            result["error"] = self.error
+            if text is not None:
+                result["text"] = text
+            return result
+        if self.finish_reason == "error":
+            status = 400 if self.client_error else 500
+            kind = "invalid_request_error" if self.client_error else "internal_server_error"
+            body = {"error": {"message": self.error, "type": kind, "param": None, "code": None}}
+        else:
+            completion = len(self.token_ids)
+            body = {
+                "id": f"chatcmpl-{secrets.token_hex(12)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": self.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": self.prompt_tokens + completion,
+                },
+            }
+        response = {"status_code": status if self.finish_reason == "error" else 200, "request_id": self.request_id}
+        return {
+            "id": f"batch_req_{secrets.token_hex(12)}",
+            "custom_id": self.request_id,
+            "response": {**response, "body": body},
+            "error": None,
+        }
+
+
+def run_batch(engine: PipelineEngine, prompts: Path, output: Path) -> None:
+    """Submits every prompt at once, waits for all, writes the results in the prompts' order (each line in the
+    format it came in). SIGTERM aborts what has not finished; the results so far are still written."""
+    done = threading.Semaphore(0)
+    texts = [text for text in prompts.read_text().splitlines() if text.strip()]
+    lines = [BatchLine(index, text, engine, prompts.parent, done) for index, text in enumerate(texts)]
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=engine.close, args=(False,)).start())
+    started = time.perf_counter()
+    submitted = [line for line in lines if line.request is not None]
+    for line in submitted:
+        engine.submit(line.request, line.on_event)
+    for _ in submitted:
         done.acquire()
     seconds = time.perf_counter() - started
     tokenizer = getattr(engine.processor, "tokenizer", None)
     with output.open("w") as file:
-        for result in results.values():
-            if tokenizer is not None:
-                result["text"] = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
-            file.write(json.dumps(result) + "\n")
-    tokens = sum(len(result["token_ids"]) for result in results.values())
+        for line in lines:
+            file.write(json.dumps(line.result(tokenizer, engine.model_id)) + "\n")
+    tokens = sum(len(line.token_ids) for line in lines)
     print(
         f"vlmheads.parallel: {len(lines)} requests, {tokens} tokens in {seconds:.3f} s: "
         f"{tokens / seconds:.2f} tokens/s",

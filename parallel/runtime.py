@@ -20,10 +20,10 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from safetensors.torch import load, save
 
 from ..serve.sampling import RequestSampler, SamplingParams, reduced_seed
@@ -150,8 +150,10 @@ class StageLink:
         hidden_size: int,
         dtype: torch.dtype,
         header_group: dist.ProcessGroup | None = None,
+        position_rows: int = 3,
     ):
         self.stage = stage
+        self.position_rows = position_rows
         self.num_stages = num_stages
         self.timeout = timeout
         self.device = device
@@ -162,8 +164,8 @@ class StageLink:
         self.previous_stage = (stage - 1) % num_stages
         # gloo sends wait for the matching receive: a thread of their own sends the messages in order, so that
         # computing never waits on a busy neighbour (and the ring cannot deadlock).
-        # Messages: (peer, tensors, queued by `send`), or None to stop.
-        self._outbox: queue.Queue[tuple[int, list[torch.Tensor], bool] | None] = queue.Queue()
+        # Messages: (peer, [(tensor, process group)], queued by `send`), or None to stop.
+        self._outbox: queue.Queue[tuple[int, list[tuple[torch.Tensor, Any]], bool] | None] = queue.Queue()
         self._send_failure: StageFailure | None = None
         # Stage 0 sends a heartbeat round the ring whenever it has sent nothing for a quarter of the timeout.
         self.heartbeat_interval = timeout / 4 if stage == 0 else None
@@ -202,8 +204,7 @@ class StageLink:
             peer, tensors, queued = message
             try:
                 if self._send_failure is None:
-                    for index, tensor in enumerate(tensors):
-                        group = self.header_group if index == 0 else None
+                    for tensor, group in tensors:
                         self._wait(dist.isend(tensor, peer, group=group), peer, self.timeout, "receive of a message")
             except StageFailure as error:
                 self._send_failure = error
@@ -211,12 +212,12 @@ class StageLink:
                 if queued:
                     self._outbox.task_done()
 
-    def _heartbeat(self) -> tuple[int, list[torch.Tensor], bool] | None:
+    def _heartbeat(self) -> tuple[int, list[tuple[torch.Tensor, Any]], bool] | None:
         with self._heartbeat_lock:
             if not self._heartbeats_on:
                 return None
             self._heartbeats_out += 1
-        return self.next_stage, [Header(Kind.HEARTBEAT).encode()], False
+        return self.next_stage, [(Header(Kind.HEARTBEAT).encode(), self.header_group)], False
 
     @property
     def heartbeats_out(self) -> int:
@@ -236,19 +237,32 @@ class StageLink:
         if self._send_failure is not None:
             raise self._send_failure
 
-    def send(self, peer: int, header: Header, tensors: tuple[torch.Tensor, ...] = ()) -> None:
-        """Queues a message to `peer`; raises `StageFailure` when an earlier message was not taken in time."""
+    def send(
+        self,
+        peer: int,
+        header: Header,
+        tensors: tuple[torch.Tensor, ...] = (),
+        blob: torch.Tensor | None = None,
+    ) -> None:
+        """Queues a message to `peer`: the header and a blob over the header group, tensors over the default group
+        (NCCL on GPUs). Raises `StageFailure` when an earlier message was not taken in time."""
         self._check_sends()
-        self._outbox.put((peer, [header.encode(), *(tensor.contiguous() for tensor in tensors)], True))
+        header.blob = 0 if blob is None else blob.numel()
+        message = [(header.encode(), self.header_group), *((tensor.contiguous(), None) for tensor in tensors)]
+        if blob is not None:
+            message.append((blob, self.header_group))
+        self._outbox.put((peer, message, True))
 
-    def send_work(self, header: Header, hidden: torch.Tensor, positions: torch.Tensor) -> None:
-        """Queues a request's hidden states (1, S, H) and positions (3, 1, S) to the next stage; a decode step's one
-        text position travels in the header."""
+    def send_work(
+        self, header: Header, hidden: torch.Tensor, positions: torch.Tensor, blob: torch.Tensor | None = None
+    ) -> None:
+        """Queues a request's hidden states (1, S, H) and positions (R, 1, S) to the next stage (and for FORWARD
+        the head's inputs); a decode step's one text position travels in the header."""
         if header.kind == Kind.DECODE:
             header.position = int(positions[0, 0, 0])
             self.send(self.next_stage, header, (hidden,))
         else:
-            self.send(self.next_stage, header, (hidden, positions))
+            self.send(self.next_stage, header, (hidden, positions), blob)
 
     def close(self) -> None:
         """Waits for every queued message to be received, then stops the sending thread."""
@@ -258,8 +272,9 @@ class StageLink:
         self._sender.join()
         self._check_sends()
 
-    def receive(self, peer: int) -> tuple[Header, torch.Tensor | None, torch.Tensor | None]:
-        """The next message from `peer`: its header, and for work hidden states (1, S, H) and positions (3, 1, S)."""
+    def receive(self, peer: int) -> Message:
+        """The next message from `peer`: its header, and for work hidden states (1, S, H) and positions (R, 1, S),
+        and its blob when it carries one."""
         self._check_sends()
         timeout = self.timeout * 1.5 if self.stage == 0 else self.timeout
         encoded = torch.empty(HEADER_SIZE, dtype=torch.int64)
@@ -274,45 +289,98 @@ class StageLink:
             self._check_sends()
             raise
         self._check_sends()
-        header = Header.decode(encoded)
-        if header.kind not in (Kind.PREFILL, Kind.DECODE):
-            return header, None, None
-        hidden = torch.empty(1, header.length, self.hidden_size, dtype=self.dtype, device=self.device)
-        self._wait(dist.irecv(hidden, peer), peer, self.timeout, "hidden states")
-        if header.kind == Kind.DECODE:
-            return header, hidden, torch.full((3, 1, 1), header.position, dtype=torch.int64, device=self.device)
-        positions = torch.empty(3, 1, header.length, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(positions, peer), peer, self.timeout, "positions")
-        return header, hidden, positions
+        message = Message(Header.decode(encoded))
+        header = message.header
+        if header.kind in (Kind.PREFILL, Kind.DECODE, Kind.FORWARD):
+            message.hidden = torch.empty(1, header.length, self.hidden_size, dtype=self.dtype, device=self.device)
+            self._wait(dist.irecv(message.hidden, peer), peer, self.timeout, "hidden states")
+            if header.kind == Kind.DECODE:
+                message.positions = torch.full(
+                    (self.position_rows, 1, 1), header.position, dtype=torch.int64, device=self.device
+                )
+            else:
+                message.positions = torch.empty(
+                    self.position_rows, 1, header.length, dtype=torch.int64, device=self.device
+                )
+                self._wait(dist.irecv(message.positions, peer), peer, self.timeout, "positions")
+        if header.blob:
+            message.blob = torch.empty(header.blob, dtype=torch.uint8)
+            self._wait(dist.irecv(message.blob, peer, group=self.header_group), peer, self.timeout, "tensor blob")
+        return message
+
+
+@dataclass
+class Message:
+    """A received message: its header, and what follows it."""
+
+    header: Header
+    hidden: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    blob: torch.Tensor | None = None
 
 
 def run_worker(stage: StageModel, link: StageLink) -> None:
-    """The loop of stages 1..N-1: run the layers for every request that arrives, until SHUTDOWN comes round."""
-    caches = {}
-    samplers: dict[int, TokenSampler] = {}
+    """The loop of stages 1..N-1: run the layers for every request that arrives, until SHUTDOWN comes round.
+
+    A request this stage cannot compute (a model error, logits that cannot be sampled) ends alone: the stage drops
+    its cache and passes a FAILED message on towards stage 0, which answers that request; the pipeline goes on.
+    """
+    caches: dict[int, Any] = {}
+    samplers: dict[int, RequestSampler] = {}
     while True:
-        header, hidden, positions = link.receive(link.previous_stage)
-        if header.kind in (Kind.PREFILL, Kind.DECODE):
-            if header.kind == Kind.PREFILL:
-                caches[header.key] = stage.new_cache()
-                if stage.is_last:
-                    samplers[header.key] = TokenSampler(header.sampling)
-            hidden = stage.run_layers(hidden, positions, caches[header.key])
-            if stage.is_last:
-                token = samplers[header.key](stage.next_token_logits(hidden))
-                link.send(0, Header(Kind.TOKEN, header.key, token=token))
-            else:
-                link.send_work(header, hidden, positions)
+        message = link.receive(link.previous_stage)
+        header = message.header
+        if header.kind in (Kind.PREFILL, Kind.DECODE, Kind.FORWARD):
+            try:
+                _run_request(stage, link, message, caches, samplers)
+            except StageFailure:
+                raise
+            except Exception as error:  # noqa: BLE001 - one request's failure must not end the pipeline
+                caches.pop(header.key, None)
+                samplers.pop(header.key, None)
+                failure = error_blob(f"pipeline stage {stage.stage}: {error}", isinstance(error, ValueError))
+                link.send(link.next_stage, Header(Kind.FAILED, header.key), blob=failure)
             continue
-        if header.kind == Kind.FREE:
+        if header.kind in (Kind.FREE, Kind.FAILED):
             caches.pop(header.key, None)
             samplers.pop(header.key, None)
-            if stage.is_last:
+            if header.kind == Kind.FREE and stage.is_last:
                 continue
-        link.send(link.next_stage, header)
+        link.send(link.next_stage, header, blob=message.blob)
         if header.kind == Kind.SHUTDOWN:
             link.close()
             return
+
+
+def _run_request(
+    stage: StageModel,
+    link: StageLink,
+    message: Message,
+    caches: dict[int, Any],
+    samplers: dict[int, RequestSampler],
+) -> None:
+    """Runs the stage's layers for one message, then passes the result on (or, last stage, the token or head
+    output back to stage 0)."""
+    header = message.header
+    if header.kind == Kind.FORWARD:
+        hidden = stage.run_layers(message.hidden, message.positions, stage.new_cache())
+        if not stage.is_last:
+            link.send_work(header, hidden, message.positions, message.blob)
+            return
+        output = stage.head_output(hidden, decode_blob(message.blob))
+        tensors = {name: value.float() for name, value in output.items() if value is not None}
+        link.send(0, Header(Kind.RESULT, header.key), blob=encode_blob(tensors))
+        return
+    if header.kind == Kind.PREFILL:
+        caches[header.key] = stage.new_cache()
+        if stage.is_last:
+            samplers[header.key] = RequestSampler(header.sampling)
+    hidden = stage.run_layers(message.hidden, message.positions, caches[header.key])
+    if stage.is_last:
+        token = samplers[header.key].sample(stage.next_token_logits(hidden))
+        link.send(0, Header(Kind.TOKEN, header.key, token=token))
+    else:
+        link.send_work(header, hidden, message.positions)
 
 
 def report_failure(error: BaseException) -> None:

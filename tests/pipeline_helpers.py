@@ -1,4 +1,5 @@
-"""Tiny Orion models saved for the pipeline tests, their prompts and reference tokens, and a torchrun launcher."""
+"""Tiny Orion and LLaVA models saved for the pipeline tests, their prompts and reference tokens, and a torchrun
+launcher."""
 
 import json
 import os
@@ -41,18 +42,32 @@ def driving_inputs(model, processor, index: int, image: bool) -> dict[str, torch
     return {name: tensor.contiguous() for name, tensor in inputs.items()}
 
 
+def llava_inputs(processor, index: int, image: bool) -> dict[str, torch.Tensor]:
+    """The tiny LLaVA processor's outputs for prompt `index` (batch of 1), with or without an image."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": f"What is in view {index}?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[camera_image(index)] if image else None, return_tensors="pt")
+    return {name: tensor.contiguous() for name, tensor in inputs.items()}
+
+
 def reference_tokens(model, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
     """Single-process greedy `generate`, without early stop."""
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def write_prompts(folder: Path, model, processor, images: list[bool], max_new_tokens: int) -> tuple[Path, list]:
-    """A prompts file whose lines point to saved processor outputs; returns it and the reference tokens."""
+def write_prompts(
+    folder: Path, model, processor, images: list[bool], max_new_tokens: int, make_inputs=None
+) -> tuple[Path, list]:
+    """A prompts file whose lines point to saved processor outputs (`make_inputs(index, image)`, default: driving
+    prompts); returns it and the reference tokens."""
     folder.mkdir(parents=True, exist_ok=True)
     lines, references = [], []
     for index, image in enumerate(images):
-        inputs = driving_inputs(model, processor, index, image)
+        if make_inputs is None:
+            inputs = driving_inputs(model, processor, index, image)
+        else:
+            inputs = make_inputs(index, image)
         save_file(inputs, folder / f"prompt{index}.safetensors")
         lines.append({"id": f"p{index}", "inputs": f"prompt{index}.safetensors", "max_new_tokens": max_new_tokens})
         references.append(reference_tokens(model, inputs, max_new_tokens))

@@ -1,11 +1,14 @@
-"""vlmheads.parallel: stage plans and shards, the engine on one stage in-process, and torchrun pipelines of 2 and 3
-stages (gloo on 127.0.0.1) whose greedy tokens match single-process `generate`, and that fail fast when a stage
-stops answering."""
+"""vlmheads.parallel: stage plans and shards (validated, checksummed), stages chained in-process (Qwen with M-RoPE,
+LLaVA with 1-D positions, task heads on the last stage), the engine on one stage in-process, and torchrun pipelines
+of 2 and 3 stages (gloo on 127.0.0.1) whose greedy tokens match single-process `generate`, that serve /v1/trajectory
+as the single-process server does, end a failing request alone, drain on SIGTERM, and fail fast when a stage stops
+answering."""
 
 import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,6 +20,7 @@ import torch
 from orion_helpers import FAMILIES
 from pipeline_helpers import (
     driving_inputs,
+    llava_inputs,
     pipeline_model,
     read_results,
     reference_tokens,
@@ -26,15 +30,28 @@ from pipeline_helpers import (
     write_prompts,
 )
 from safetensors.torch import load_file
-from serve_helpers import camera_data_url, chat_body, free_port, served
+from serve_helpers import camera_data_url, chat_body, free_port, served, tiny_parts
 from transformers import MllamaConfig
+from vlm_helpers import (
+    DRIVING_SIZES,
+    driving_batch,
+    driving_processor,
+    family_batch,
+    tiny_backbone,
+    trajectory_backbone,
+)
 
+from vlmheads import VLMForImageClassification, VLMForTrajectory
+from vlmheads.parallel.__main__ import parse_run_args
 from vlmheads.parallel.engine import PipelineEngine
 from vlmheads.parallel.stages import (
+    PLAN_FILE,
+    PlanError,
     StageModel,
     StagePlan,
     balance_layers,
     check_supported,
+    head_inputs,
     load_stage_model,
     make_plan,
     prepare,
@@ -64,6 +81,16 @@ def saved_models(tmp_path_factory, shared_processors):
     return get
 
 
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    """The tiny LLaVA (a plain VLM of the registry, 2 layers, 1-D positions) saved with its processor."""
+    model, processor = tiny_parts("llava")
+    folder = tmp_path_factory.mktemp("pipeline-llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
 # -- plans ------------------------------------------------------------------------------------------------------
 
 
@@ -91,7 +118,7 @@ def test_plan_checks_its_input(saved_models):
     with pytest.raises(ValueError, match="name 3 stages, not 2"):
         make_plan(model.config, 2, [1, 1, 1])
     assert make_plan(model.config, 2, [2, 1]).layer_ranges == ((0, 2), (2, 3))
-    with pytest.raises(ValueError, match="splits the families"):
+    with pytest.raises(ValueError, match=r"splits the families \[.*'llava'.*\]; MllamaConfig is on 'mllama'"):
         check_supported(MllamaConfig())
 
 
@@ -122,6 +149,171 @@ def test_prepare_writes_each_stage_only_its_slice(saved_models, tmp_path):
         torch.testing.assert_close(tensor, original[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="prepared for layers"):
         load_stage_model(tmp_path, 0, 2)
+    plan_json = json.loads((tmp_path / PLAN_FILE).read_text())
+    assert plan_json["version"] == 1 and all(len(entry["sha256"]) == 64 for entry in plan_json["stages"])
+
+
+@pytest.fixture(scope="module")
+def prepared_llava(llava_folder, tmp_path_factory):
+    folder, _, _ = llava_folder
+    out = tmp_path_factory.mktemp("prepared-llava")
+    prepare(folder, out, num_stages=2)
+    return out
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "value", "message"),
+    [
+        (None, "version", 2, "version 2 is not supported"),
+        (None, "version", MISSING, "version is missing"),
+        (None, "num_stages", "2", "num_stages must be a int"),
+        (None, "num_stages", 3, "num_stages is 3 but stages lists 2 entries"),
+        (1, "layers", MISSING, r"stages\[1\]\.layers is missing"),
+        (1, "layers", [0, 2], r"stages\[1\]\.layers must be \[1, end\] with end > 1, got \[0, 2\]"),
+        (1, "stage", 0, r"stages\[1\]\.stage must be 1"),
+        (
+            0,
+            "shard",
+            "../stage-0.safetensors",
+            r"stages\[0\]\.shard '\.\./stage-0\.safetensors' must name a file inside",
+        ),
+        (0, "shard", "/etc/passwd", r"stages\[0\]\.shard '/etc/passwd' must name a file inside"),
+        (0, "sha256", "abc", r"stages\[0\]\.sha256 must be 64 lowercase hex digits"),
+    ],
+)
+def test_an_edited_plan_is_refused_naming_the_file_and_key(prepared_llava, tmp_path, stage, key, value, message):
+    folder = tmp_path / "edited"
+    shutil.copytree(prepared_llava, folder)
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    entry = plan if stage is None else plan["stages"][stage]
+    if value is MISSING:
+        del entry[key]
+    else:
+        entry[key] = value
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match=f"{re.escape(str(folder.resolve() / PLAN_FILE))}: {message}"):
+        read_plan(folder)
+    with pytest.raises(PlanError, match=message):
+        load_stage_model(folder, 0, 2)
+    (folder / PLAN_FILE).write_text("[]")
+    with pytest.raises(PlanError, match="must hold a JSON object, got list"):
+        read_plan(folder)
+
+
+def test_a_changed_shard_fails_its_checksum_unless_told_not_to_check(prepared_llava, tmp_path):
+    folder = tmp_path / "flipped"
+    shutil.copytree(prepared_llava, folder)
+    shard = folder / "stage-1.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="stage-1.safetensors's SHA-256 differs from the one pipeline_plan.json"):
+        load_stage_model(folder, 1, 2)
+    load_stage_model(folder, 0, 2)
+    model, _ = load_stage_model(folder, 1, 2, verify_shards=False)
+    assert model.model.language_model.norm is not None
+
+
+def test_remote_code_runs_only_when_trusted(tmp_path):
+    """A folder whose configuration names code of its own is refused without --trust-remote-code."""
+    config = {"model_type": "someone_elses_vlm", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_stage_model(tmp_path, 0, 1)
+
+
+def test_the_command_line_names_prepare_and_takes_the_servers_context_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "python -m vlmheads.parallel prepare" in help_text and "--max-model-len" in help_text
+    for flag in ("--max-model-len", "--max-context"):
+        assert parse_run_args(["--model", "m", flag, "64"]).max_model_len == 64
+    args = parse_run_args(["--model", "m"])
+    assert args.trust_remote_code is False and args.verify_shards is True
+
+
+# -- stages chained in this process -----------------------------------------------------------------------------
+
+
+def chained_stages(folder, num_stages: int) -> list[StageModel]:
+    return [StageModel(*load_stage_model(folder, stage, num_stages), stage) for stage in range(num_stages)]
+
+
+def chained_greedy(stages: list[StageModel], inputs: dict, max_new_tokens: int) -> list[int]:
+    """Greedy tokens of stages run one after the other in this process, each over its own cache."""
+    caches = [stage.new_cache() for stage in stages]
+    hidden, positions, rope_delta = stages[0].embed(inputs)
+    prompt_length, tokens = hidden.shape[1], []
+    for step in range(max_new_tokens):
+        if step:
+            hidden = stages[0].token_embeddings(torch.tensor([[tokens[-1]]]), {})
+            positions = stages[0].positions(prompt_length + step - 1, rope_delta)
+        for stage, cache in zip(stages, caches, strict=True):
+            hidden = stage.run_layers(hidden, positions, cache)
+        tokens.append(int(stages[-1].next_token_logits(hidden).argmax()))
+    return tokens
+
+
+def chained_head(stages: list[StageModel], inputs: dict):
+    hidden, positions, _ = stages[0].embed(inputs)
+    for stage in stages:
+        hidden = stage.run_layers(hidden, positions, stage.new_cache())
+    return stages[-1].head_output(hidden, head_inputs(inputs))
+
+
+def test_a_split_llava_gives_generates_tokens(prepared_llava, llava_folder):
+    """LLaVA (1-D positions, projector beside the vision tower) split in 2: the vision tower and projector on stage
+    0 only, the same greedy tokens as `generate` with and without an image."""
+    _, model, processor = llava_folder
+    stages = chained_stages(prepared_llava, 2)
+    assert stages[0].model.model.multi_modal_projector is not None and stages[1].model.model.vision_tower is None
+    assert stages[0].position_rows == 1
+    answers = []
+    for index, image in enumerate([True, False, True]):
+        inputs = llava_inputs(processor, index, image)
+        answers.append(chained_greedy(stages, inputs, MAX_NEW_TOKENS))
+        assert answers[-1] == reference_tokens(model, inputs, MAX_NEW_TOKENS)
+    assert answers[0] != answers[2]
+
+
+def _heads_on_llava():
+    torch.manual_seed(0)
+    placeholders = driving_processor("llava").model_config_kwargs()
+    trajectory = VLMForTrajectory.from_backbone(
+        trajectory_backbone("llava"), num_modes=3, **DRIVING_SIZES, **placeholders
+    ).eval()
+    classifier = VLMForImageClassification.from_backbone(
+        tiny_backbone("llava"), num_labels=3, pooling="multimodal", classifier_hidden_dims=[32]
+    ).eval()
+    batch = {
+        name: value[:1] for name, value in driving_batch("llava", batch_size=1).items() if name != "ego_waypoints"
+    }
+    return [
+        (trajectory, {**batch, "command": torch.tensor([2])}),
+        (classifier, family_batch("llava", ["Which?"], [3])),
+    ]
+
+
+@pytest.mark.parametrize("head", [0, 1], ids=["trajectory", "classifier"])
+def test_task_heads_run_on_the_last_stage(tmp_path, head):
+    """VLMForTrajectory (3 modes, a command) and a multimodal VLMForImageClassification on LLaVA, split in 2: the
+    last stage's head gives the model's own outputs."""
+    model, inputs = _heads_on_llava()[head]
+    model.save_pretrained(tmp_path / "model")
+    prepare(tmp_path / "model", tmp_path / "shards", num_stages=2)
+    stages = chained_stages(tmp_path / "shards", 2)
+    assert stages[1].model.backbone.model.vision_tower is None
+    output = chained_head(stages, inputs)
+    with torch.no_grad():
+        expected = model(**inputs)
+    names = ("trajectory", "trajectory_modes") if head == 0 else ("logits",)
+    for name in names:
+        torch.testing.assert_close(output[name], expected[name], rtol=0, atol=1e-5)
 
 
 # -- the engine on one stage, in this process ---------------------------------------------------------------------
