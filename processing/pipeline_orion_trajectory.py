@@ -7,7 +7,6 @@ recorded in `config.custom_pipelines`, so that `pipeline("trajectory-prediction"
 trust_remote_code=True)` works where vlmheads is not installed.
 """
 
-import inspect
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from transformers import Pipeline
 
 from .pipeline_inputs import SampleInputsMixin, fetch_urls
 from .processing_driving_placeholders import DRIVING_FEATURES
-from .trajectory_request import TrajectoryRequests
+from .trajectory_request import TrajectoryRequests, trajectory_forward_options
 
 SAMPLE_KEYS = ("images", *DRIVING_FEATURES, "command", "prompt")
 
@@ -73,10 +72,7 @@ class OrionTrajectoryPipeline(SampleInputsMixin, Pipeline):
         inputs = {
             name: value.to(dtype) if value.is_floating_point() else value for name, value in model_inputs.items()
         }
-        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
-            # Only the planning token's hidden state is read: keep the language-model head to one position.
-            inputs["logits_to_keep"] = 1
-        output = self.model(**inputs)
+        output = self.model(**inputs, **trajectory_forward_options(self.model))
         return {"trajectory": output.trajectory, "trajectory_modes": output.trajectory_modes}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> dict[str, Any]:

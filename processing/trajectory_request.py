@@ -91,6 +91,12 @@ def check_command(config, command: Any) -> torch.Tensor | None:
     return None
 
 
+def trajectory_forward_options(model) -> dict[str, Any]:
+    """What a trajectory model's forward takes besides its inputs: a model that also generates text (Orion, which
+    computes language-model logits) keeps them to one position, as only the planning token's state is read."""
+    return {"logits_to_keep": 1} if model.can_generate() else {}
+
+
 class TrajectoryRequests:
     """Turns driving samples into the inputs of one trajectory model, with its processor.
 

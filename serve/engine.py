@@ -93,6 +93,13 @@ class GenerationEngine(abc.ABC):
 
     def forward(self, inputs: dict[str, Any]) -> Any:
         """One forward pass of the whole model on the processor's outputs (batch of 1) for the endpoints that do not
-        generate (trajectory, classify); returns the model's output (`trajectory`, `logits`). Thread-safe. Engines
-        that only generate keep this default."""
+        generate (trajectory, classify); returns the model's output (`trajectory`, `logits`). These endpoints read no
+        language-model logits: a trajectory model that also generates text keeps them to the last position
+        (`trajectory_forward_options`). Thread-safe. Engines that only generate keep this default."""
         raise NotImplementedError(f"{type(self).__name__} runs generation only.")
+
+    def predict_actions(self, inputs: dict[str, Any]) -> Any:
+        """A VLA's action chunk (1, chunk_size, action_dim) for the collated inputs of one observation, for POST
+        /v1/actions (`VLAForActionPrediction.predict_actions`). Thread-safe. Engines that only generate keep this
+        default."""
+        raise NotImplementedError(f"{type(self).__name__} predicts no actions.")

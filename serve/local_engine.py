@@ -10,7 +10,6 @@ batch at once, freeing its slot.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections import deque
@@ -21,7 +20,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from ..modeling.capabilities import backbone_family_of
+from ..modeling.positions import decode_positions, prompt_positions
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
+from .heads import backbone_config_of, forward_options, generation_refusal
 from .sampling import RequestSampler, SamplingError, sample_rows_isolated
 
 logger = logging.getLogger(__name__)
@@ -70,16 +72,15 @@ class LocalEngine(GenerationEngine):
         self.processor = processor
         self.model_id = model_id
         self.config = model.config
-        text_config = model.config.get_text_config(decoder=True)
+        text_config = backbone_config_of(model.config).get_text_config(decoder=True)
         self.max_context = int(max_context or text_config.max_position_embeddings)
         self.max_batch_size = max_batch_size
-        # Mllama's cross-attention caches hold the image tiles, not the prompt: they do not stack like the others.
-        self.can_generate = not getattr(text_config, "cross_attention_layers", None)
+        self.family = backbone_family_of(model)
+        #: Why chat completions are refused (a head without text, Mllama's cross-attention caches), or None.
+        self.generation_refusal = generation_refusal(model)
+        self._forward_options = forward_options(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-        rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
-        self._rope_index = rope_index
-        self._rope_index_args = set(inspect.signature(rope_index).parameters) if rope_index is not None else set()
         self._pending: deque[_Slot] = deque()
         self._cancelled: set[str] = set()
         self._known_ids: set[str] = set()
@@ -95,11 +96,8 @@ class LocalEngine(GenerationEngine):
     # ---- the thread-safe API -------------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> None:
-        if not self.can_generate:
-            raise ValueError(
-                f"{type(self.model).__name__} has cross-attention caches, which LocalEngine does not batch: it serves "
-                "this model's non-generative endpoints only."
-            )
+        if self.generation_refusal is not None:
+            raise ValueError(self.generation_refusal)
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}.")
         slot = _Slot(request, on_event, RequestSampler(request.sampling_params()))
@@ -133,7 +131,13 @@ class LocalEngine(GenerationEngine):
 
     @torch.no_grad()
     def forward(self, inputs: dict[str, Any]) -> Any:
-        return self.model(**self._to_model(inputs))
+        return self.model(**self._to_model(inputs), **self._forward_options)
+
+    @torch.no_grad()
+    def predict_actions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        # The robot state stays float32, as the VLA's own pipeline feeds it.
+        model_inputs = {**self._to_model(inputs), **({"state": inputs["state"]} if "state" in inputs else {})}
+        return self.model.predict_actions(**model_inputs)
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
 
@@ -207,15 +211,7 @@ class LocalEngine(GenerationEngine):
 
     def _prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Positions of the prompt (3, 1, S) for M-RoPE models, else (1, S), and the offset of decode positions."""
-        input_ids = inputs["input_ids"]
-        length = input_ids.shape[1]
-        if self._rope_index is None:
-            return torch.arange(length).unsqueeze(0), 0
-        has_vision = inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None
-        if not has_vision:
-            return torch.arange(length).view(1, 1, -1).expand(3, 1, -1), 0
-        rope_inputs = {name: value for name, value in inputs.items() if name in self._rope_index_args}
-        positions, deltas = self._rope_index(**rope_inputs)
+        positions, deltas = prompt_positions(self.model, self.family, inputs)
         return positions, int(deltas.reshape(-1)[0])
 
     def _prefill(self, slot: _Slot) -> bool:
@@ -300,9 +296,8 @@ class LocalEngine(GenerationEngine):
         rows = self._rows
         input_ids = torch.tensor([[slot.last_token] for slot in rows])
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
-        positions = torch.tensor([[slot.cached_tokens + slot.rope_delta] for slot in rows])
-        if self._rope_index is not None:
-            positions = positions.unsqueeze(0).expand(3, -1, -1)
+        next_positions = torch.tensor([slot.cached_tokens + slot.rope_delta for slot in rows])
+        positions = decode_positions(self.family, next_positions)
         try:
             with torch.no_grad():
                 outputs = self.model(

@@ -185,7 +185,8 @@ def test_forward_runs_the_whole_model(parts):
     inputs = chat_inputs(processor, "Hi.")
     with torch.no_grad():
         expected = model(**inputs).logits
-    assert torch.allclose(engine.forward(inputs).logits, expected)
+    # The endpoints that call forward read no language-model logits: Orion keeps the last position's only.
+    assert torch.allclose(engine.forward(inputs).logits, expected[:, -1:], atol=1e-5)
     engine.close()
 
 
