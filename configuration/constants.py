@@ -20,6 +20,12 @@ TASK_TRAJECTORY_PREDICTION = "trajectory-prediction"
 """The pipeline task of the driving models (registered by vlmheads)."""
 TASK_ACTION_PREDICTION = "action-prediction"
 """The pipeline task of the VLAs (registered by vlmheads)."""
+HEAD_TASKS = {
+    HEAD_CLASSIFICATION: TASK_IMAGE_CLASSIFICATION,
+    HEAD_TRAJECTORY: TASK_TRAJECTORY_PREDICTION,
+    HEAD_ACTIONS: TASK_ACTION_PREDICTION,
+}
+"""The Hugging Face pipeline task that runs each head kind."""
 
 SCENE_TOKEN = "<scene>"
 """Placeholder of one scene query row; the processor expands one into `num_scene_queries` tokens."""

@@ -9,7 +9,12 @@ from receipt_helpers import make_model, make_processor, photo_file, question_pro
 from remote_code_checks import assert_flat_self_contained_code, run_without_vlmheads
 
 CODE_FILES = {
+    "configuration_classifier.py",
     "configuration_receipt_vl.py",
+    "constants.py",
+    "remote_code.py",
+    "modeling_base.py",
+    "modeling_classifier.py",
     "modeling_receipt_vl.py",
     "processing_receipt_vl.py",
     "image_inputs.py",

@@ -22,7 +22,9 @@ def saved_model(family, folder: Path, **overrides):
 def test_the_saved_folder_carries_flat_self_contained_code(family, tmp_path):
     saved_model(family, tmp_path)
     code = {"configuration_orion_qwen.py", "modeling_orion_qwen.py", "processing_orion_qwen.py", "heads.py"}
+    code |= {"configuration_driving.py", "modeling_driving.py", "modeling_base.py", "constants.py", "remote_code.py"}
     code |= {"pipeline_orion_trajectory.py", "processing_driving_placeholders.py", "pipeline_inputs.py"}
+    code |= {"trajectory_request.py"}
     assert_flat_self_contained_code(tmp_path, code | {"publishing.py", "image_inputs.py"})
 
     config = json.loads((tmp_path / "config.json").read_text())

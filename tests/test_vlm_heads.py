@@ -30,22 +30,25 @@ from vlmheads import (
 )
 
 LABELS = torch.tensor([0, 1, 2, 1])
-# What a saved head folder holds: both heads' code ships together, with the shared heads, the family table and the
-# pipelines.
+# What a saved multimodal classifier holds: its own head's code, the shared base, the family table and its pipeline,
+# and nothing of the trajectory head (each head ships only its own task's code).
 CODE_FILES = {
-    "configuration_vlm_heads.py",
+    "configuration_classifier.py",
     "configuration_vlm_classification.py",
-    "configuration_vlm_trajectory.py",
-    "configuration_orion_qwen.py",
+    "configuration_vlm_heads.py",
+    "constants.py",
+    "remote_code.py",
+    "modeling_base.py",
+    "modeling_classifier.py",
+    "modeling_vlm_classification.py",
     "modeling_vlm_heads.py",
+    "positions.py",
     "heads.py",
     "families.py",
     "publishing.py",
-    # The heads' pipelines and what they import.
-    "pipeline_orion_trajectory.py",
+    # The classifier's pipeline and what it imports.
     "pipeline_vlm_classification.py",
     "pipeline_inputs.py",
-    "processing_driving_placeholders.py",
     "image_inputs.py",
 }
 

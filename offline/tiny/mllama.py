@@ -4,11 +4,25 @@ image), hidden 64, 2 decoder layers of which the last cross-attends."""
 from transformers import MllamaConfig, MllamaImageProcessor, MllamaProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ...processing.processing_receipt_vl import CHAT_TEMPLATE
 from ..configs import tiny_mllama_kwargs
 from ..mllama_tokenizer import mllama_tokenizer
 
 TILE_SIZE = 32
+# What a Llama-3.2-Vision checkpoint's processor ships: the user and assistant turns of the Llama 3 format, an
+# `<|image|>` where a message places an image. The tiny processor stands for that checkpoint, so it carries its own.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 def tiny_processor() -> MllamaProcessor:
