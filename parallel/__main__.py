@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import secrets
@@ -99,6 +100,13 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
         help="Longest prompt + completion, in tokens (the server's flag; --max-context is an alias).",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="Seconds a stage may stay silent.")
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=None,
+        help="Drain deadline on SIGTERM (the server's flag and default): requests still open after it end with an "
+        "error event; then the stages stop.",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; then NCCL).")
     parser.add_argument(
@@ -200,9 +208,12 @@ def run(args: argparse.Namespace) -> None:
         run_batch(engine, Path(args.prompts), Path(args.output))
     else:
         # The server needs fastapi and uvicorn (the `serve` extra); the batch mode does not.
-        from ..serve.app import serve
+        from ..serve.app import ServerTimeouts, serve
 
-        serve(engine, host=args.host, port=args.port, api_key=args.api_key)
+        timeouts = (
+            ServerTimeouts() if args.shutdown_timeout is None else ServerTimeouts(shutdown=args.shutdown_timeout)
+        )
+        serve(engine, host=args.host, port=args.port, api_key=args.api_key, timeouts=timeouts)
     engine.close(drain=True)
     dist.destroy_process_group()
 
@@ -235,6 +246,14 @@ def _request_inputs(line: dict[str, Any], processor: Any, base: Path) -> dict[st
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
     )
+
+
+@functools.cache
+def _chat_server(engine: PipelineEngine) -> Any:
+    """The HTTP server's request handling (the `serve` extra), which turns OpenAI chat bodies into model inputs."""
+    from ..serve.app import Server, ServerLimits
+
+    return Server(engine, ServerLimits().resolved(engine.processor))
 
 
 class BatchLine:
@@ -278,8 +297,7 @@ class BatchLine:
         )
 
     def _openai_request(self, line: dict[str, Any], engine: PipelineEngine) -> GenerationRequest:
-        # The server's own request schema and chat handling (the `serve` extra).
-        from ..serve.app import APIError, Server, ServerLimits
+        from ..serve.app import APIError
         from ..serve.openai_protocol import ChatCompletionRequest
 
         if line.get("method") != "POST" or line.get("url") != OPENAI_BATCH_URL:
@@ -289,7 +307,7 @@ class BatchLine:
         body = ChatCompletionRequest.model_validate(line.get("body"))
         if body.stream or body.stop_strings:
             raise ValueError("body: stream and stop are not taken in a batch file.")
-        server = Server(engine, ServerLimits())
+        server = _chat_server(engine)
         try:
             inputs = server.chat_inputs(body)
         except APIError as error:

@@ -17,7 +17,7 @@ import time
 import openai
 import pytest
 import torch
-from orion_helpers import FAMILIES
+from orion_helpers import FAMILIES, camera_image
 from pipeline_helpers import (
     driving_inputs,
     llava_inputs,
@@ -29,7 +29,7 @@ from pipeline_helpers import (
     torchrun_env,
     write_prompts,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from serve_helpers import camera_data_url, chat_body, free_port, served, tiny_parts
 from transformers import MllamaConfig
 from vlm_helpers import (
@@ -435,6 +435,81 @@ def test_torchrun_pipeline_matches_generate(saved_models, tmp_path, backbone, nu
     # Seeded sampling does not depend on how the model is split.
     assert results["sampled"]["token_ids"] == sampled.tokens != references[0]
     assert f"stage {num_stages - 1}/{num_stages}" in result.stderr
+
+
+def openai_line(custom_id: str, text: str, image_seed: int | None, max_tokens: int) -> dict:
+    body = chat_body(text, None if image_seed is None else camera_data_url(image_seed), max_tokens=max_tokens)
+    body["temperature"] = 0
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def openai_reference(model, processor, text: str, image_seed: int | None, max_tokens: int) -> str:
+    """What the single-process model answers (greedy, stopping at its eos) to an OpenAI chat line."""
+    content = ([{"type": "image"}] if image_seed is not None else []) + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = None if image_seed is None else [camera_image(image_seed)]
+    inputs = processor(text=[prompt], images=images, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_torchrun_llava_pipeline_matches_generate_and_ends_a_failing_request_alone(llava_folder, tmp_path):
+    """A 2-stage LLaVA pipeline (1-D positions): greedy tokens equal to `generate` with and without images, in
+    vlmheads' batch format and in OpenAI's. Requests that cannot be computed end alone, each with its error, while
+    the others go on: NaN pixels (the last stage cannot sample the logits), a seed past uint64 (refused at once),
+    a malformed line; a seed >= 2**63 and a temperature of 1e-300 are served."""
+    folder, model, processor = llava_folder
+    prompts, references = write_prompts(
+        tmp_path / "prompts",
+        model,
+        processor,
+        [True, False, True, False],
+        MAX_NEW_TOKENS,
+        lambda index, image: llava_inputs(processor, index, image),
+    )
+    poisoned = llava_inputs(processor, 7, image=True)
+    poisoned["pixel_values"] = torch.full_like(poisoned["pixel_values"], float("nan"))
+    save_file(poisoned, tmp_path / "prompts" / "nan.safetensors")
+    sampled = {"temperature": 0.7, "seed": 2**63 + 5, "max_new_tokens": MAX_NEW_TOKENS}
+    single = PipelineEngine(StageModel(model, StagePlan(((0, 2),)), 0))
+    expected_sample = submit(single, "big-seed", llava_inputs(processor, 0, image=True), **sampled)
+    single.close()
+    extra = [
+        {"id": "nan", "inputs": "nan.safetensors", "max_new_tokens": MAX_NEW_TOKENS},
+        {"id": "big-seed", "inputs": "prompt0.safetensors", **sampled},
+        {"id": "huge-seed", "inputs": "prompt0.safetensors", "temperature": 0.7, "seed": 2**64},
+        {"id": "tiny-temperature", "inputs": "prompt1.safetensors", "temperature": 1e-300, "seed": 3},
+        openai_line("chat-image", "What is in view?", 4, 6),
+        openai_line("chat-text", "Say something.", None, 6),
+    ]
+    lines = prompts.read_text().splitlines()
+    lines[2:2] = [json.dumps(line) for line in extra] + ["{not json"]
+    prompts.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out.jsonl"
+    result = run_torchrun(2, "--model", str(folder), "--prompts", str(prompts), "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == len(lines)
+    native = {record["id"]: record for record in records if "id" in record and "custom_id" not in record}
+    assert [native[f"p{index}"]["token_ids"] for index in range(4)] == references
+    assert native["nan"]["finish_reason"] == "error" and "pipeline stage 1" in native["nan"]["error"]
+    assert "NaN" in native["nan"]["error"]
+    assert native["big-seed"]["token_ids"] == expected_sample.tokens
+    assert native["huge-seed"]["finish_reason"] == "error" and "seed must be" in native["huge-seed"]["error"]
+    assert native["tiny-temperature"]["finish_reason"] == "length"
+    malformed = native[str(2 + len(extra))]
+    assert malformed["finish_reason"] == "error" and "is not JSON" in malformed["error"]
+    chats = {record["custom_id"]: record for record in records if "custom_id" in record}
+    for custom_id, (text, seed) in {
+        "chat-image": ("What is in view?", 4),
+        "chat-text": ("Say something.", None),
+    }.items():
+        record = chats[custom_id]
+        assert record["response"]["status_code"] == 200 and record["error"] is None
+        body = record["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"] == openai_reference(model, processor, text, seed, 6)
 
 
 @pytest.mark.slow
