@@ -49,6 +49,7 @@ from .heads import (
     ServedModel,
     ServingError,
 )
+from .memory import return_large_blocks_to_the_os
 from .openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -894,7 +895,8 @@ def serve(
 ) -> None:
     """Serves `engine` until SIGINT / SIGTERM (blocking); then finishes the requests in flight (uvicorn's graceful
     shutdown, ending those still open at `timeouts.shutdown` with an error event) and closes the engine, draining
-    it. uvicorn then re-raises the signal, as its own CLI does."""
+    it. uvicorn then re-raises the signal, as its own CLI does. Large freed blocks go back to the OS (`memory`)."""
+    return_large_blocks_to_the_os()
     app = create_app(engine, api_key=api_key, limits=limits, close_engine_on_shutdown=True)
     server = uvicorn_server(app, host, port, timeouts, log_level)
     try:
