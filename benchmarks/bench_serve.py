@@ -9,12 +9,20 @@ Three runs over HTTP, with greedy decoding:
 3. a load test: `clients` concurrent clients send `load_requests` mixed requests (plain and streamed, some with an
    image, 1-8 tokens): the server's p50 / p99 latency and the count of 5xx answers.
 
+With `--hostile_seconds S`, a hostile load run follows: `hostile_clients` clients for S seconds, a quarter of the
+streams abandoned after their first token, and one client sending bad inputs throughout (malformed and out-of-range
+bodies, oversized images, non-finite driving values); the 5xx answers to good and to bad requests, and the server's
+RSS before and after. With `--image_memory`, a server that admits 4096x4096 images decodes six concurrent requests
+of four 4096x4096 RGBA PNGs; its RSS before, at the peak and after.
+
     python benchmarks/bench_serve.py                      # the BENCHMARKS.md configuration
+    python benchmarks/bench_serve.py --hostile_seconds 60 --hostile_clients 64 --image_memory
     python benchmarks/bench_serve.py --model outputs/orion_demo
 """
 
 import base64
 import io
+import json
 import os
 import socket
 import statistics
@@ -41,6 +49,9 @@ class BenchmarkArguments:
     max_tokens: int = field(default=32, metadata={"help": "Completion tokens per throughput request."})
     load_requests: int = field(default=200, metadata={"help": "Requests of the load test."})
     max_batch_size: int = field(default=16)
+    hostile_seconds: float = field(default=0.0, metadata={"help": "Length of the hostile load run (0: none)."})
+    hostile_clients: int = field(default=64, metadata={"help": "Clients of the hostile load run."})
+    image_memory: bool = field(default=False, metadata={"help": "Measure RSS around six 4x4096^2 RGBA requests."})
 
 
 def free_port() -> int:
@@ -49,10 +60,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: BenchmarkArguments) -> tuple[subprocess.Popen, str]:
+def start_server(args: BenchmarkArguments, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "vlmheads.serve", "--port", str(port), "--threads", "1", "--log-level", "warning"]
-    command += ["--max-batch-size", str(args.max_batch_size)]
+    command += ["--max-batch-size", str(args.max_batch_size), *extra]
     if args.model is not None:
         command += ["--model", args.model]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -180,6 +191,160 @@ def main() -> None:
         f"{len(load) / load_wall:.1f} | {statistics.median(latencies) * 1000:.0f} | "
         f"{percentile(latencies, 0.99) * 1000:.0f} |"
     )
+
+    if args.hostile_seconds > 0:
+        hostile_load(args)
+    if args.image_memory:
+        image_memory(args)
+
+
+def rss_mib(process: subprocess.Popen) -> float:
+    with open(f"/proc/{process.pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def raw_body(text: str) -> bytes:
+    """A chat body with one more field as raw JSON text (what json.dumps cannot write)."""
+    return b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, ' + text.encode() + b"}"
+
+
+def png_url(width: int, height: int, mode: str = "RGBA") -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), (10, 20, 30, 255)[: len(mode)]).save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def bad_requests() -> list[tuple[str, bytes]]:
+    """(path, body) of the inputs the issue's probes sent: each must be a 4xx."""
+    big = png_url(4096, 4096)
+    four_big = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}] * 4}]}
+    bodies = [
+        raw_body('"x": ' + "[" * 3000 + "]" * 3000),
+        raw_body('"seed": ' + "9" * 5000),
+        raw_body('"model": "\\ud800"'),
+        raw_body('"stream": "yes"'),
+        raw_body('"seed": 18446744073709551616'),
+        raw_body('"temperature": NaN'),
+        raw_body('"top_p": 0'),
+        b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": true}',
+        b"\xff\xfe not json",
+        json.dumps(four_big).encode(),
+    ]
+    requests = [("/v1/chat/completions", body) for body in bodies]
+    driving = b'{"scene_queries": [[NaN]], "history_queries": [[1e308]], "can_bus": [Infinity]}'
+    return [*requests, ("/v1/trajectory", driving)]
+
+
+def hostile_load(args: BenchmarkArguments) -> None:
+    """`hostile_clients` clients for `hostile_seconds`: good requests (a quarter of the streams abandoned after their
+    first token) and one client sending `bad_requests()` throughout; reports 5xx answers and the server's RSS."""
+    process, base_url = start_server(args)
+    bad = bad_requests()
+    deadline_box: list[float] = []
+    good: list[tuple[int, str]] = []
+    hostile: list[int] = []
+    lock = threading.Lock()
+
+    def good_client(client: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            index = 0
+            while time.monotonic() < deadline_box[0]:
+                index += 1
+                stream = (client + index) % 3 == 0
+                abandon = stream and (client + index) % 4 == 0
+                body = chat_request(client * 1000 + index, 1 + index % 16, image=index % 4 == 0, stream=stream)
+                body["temperature"] = [0, 0.7, 2.69e-38][index % 3]
+                if abandon:
+                    with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+                        status = response.status_code
+                        for line in response.iter_lines():
+                            if '"content":"' in line and '"content":""' not in line:
+                                break
+                    outcome = "abandoned"
+                else:
+                    status, _, _ = send(http, base_url, body)
+                    outcome = "answered"
+                with lock:
+                    good.append((status, outcome))
+
+    def bad_client() -> None:
+        with httpx.Client(timeout=300) as http:
+            index = 0
+            while time.monotonic() < deadline_box[0]:
+                path, content = bad[index % len(bad)]
+                index += 1
+                status = http.post(f"{base_url}{path}", content=content).status_code
+                with lock:
+                    hostile.append(status)
+
+    try:
+        run_requests(base_url, [chat_request(index, 4, image=index % 2 == 0, stream=False) for index in range(8)], 4)
+        before = rss_mib(process)
+        deadline_box.append(time.monotonic() + args.hostile_seconds)
+        threads = [threading.Thread(target=good_client, args=(client,)) for client in range(args.hostile_clients - 1)]
+        threads.append(threading.Thread(target=bad_client))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        time.sleep(2)
+        after = rss_mib(process)
+        alive = httpx.post(f"{base_url}/v1/chat/completions", json=chat_request(0, 2, False, False)).status_code
+    finally:
+        process.terminate()
+        process.wait(60)
+    print()
+    print(
+        f"Hostile load: {args.hostile_clients} clients for {args.hostile_seconds:.0f} s, a quarter of the streams "
+        "abandoned, one client sending bad inputs throughout"
+    )
+    print()
+    print(
+        "| good requests | abandoned | 5xx to good | bad requests | 4xx to bad | 5xx to bad | RSS before [MiB] | "
+        "RSS after [MiB] | growth | answers after |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    abandoned = sum(outcome == "abandoned" for _, outcome in good)
+    print(
+        f"| {len(good)} | {abandoned} | {sum(status >= 500 for status, _ in good)} | {len(hostile)} | "
+        f"{sum(400 <= status < 500 for status in hostile)} | {sum(status >= 500 for status in hostile)} | "
+        f"{before:.0f} | {after:.0f} | {(after / before - 1) * 100:+.1f} % | {alive} |"
+    )
+
+
+def image_memory(args: BenchmarkArguments) -> None:
+    """Six concurrent requests of four 4096x4096 RGBA PNGs to a server admitting them: RSS before, peak, after."""
+    pixels = str(4096 * 4096)
+    process, base_url = start_server(args, "--max-image-pixels", pixels, "--max-request-pixels", str(4 * 4096 * 4096))
+    big = png_url(4096, 4096)
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}] * 4}],
+        "max_tokens": 2,
+    }
+    try:
+        run_requests(base_url, [chat_request(index, 4, image=True, stream=False) for index in range(4)], 4)
+        before = peak = rss_mib(process)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(httpx.post, f"{base_url}/v1/chat/completions", json=body, timeout=600) for _ in range(6)
+            ]
+            while not all(future.done() for future in futures):
+                peak = max(peak, rss_mib(process))
+                time.sleep(0.05)
+        statuses = [future.result().status_code for future in futures]
+        wall = time.perf_counter() - start
+        time.sleep(1)
+        after = rss_mib(process)
+    finally:
+        process.terminate()
+        process.wait(60)
+    print()
+    print(f"Image memory: six concurrent requests of four 4096x4096 RGBA PNGs ({len(json.dumps(body))} bytes each)")
+    print()
+    print("| answered | wall [s] | RSS before [MiB] | peak [MiB] | after [MiB] | after / before |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {statuses.count(200)}/6 | {wall:.1f} | {before:.0f} | {peak:.0f} | {after:.0f} | {after / before:.3f} |")
 
 
 if __name__ == "__main__":

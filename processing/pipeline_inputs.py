@@ -9,6 +9,28 @@ from typing import Any
 from transformers.image_utils import load_image
 
 
+class ProcessorPipelineMixin:
+    """A pipeline that reads the model folder's processor (tokenizer and image processor together): it loads as
+    one and refuses a folder without one, with `processor_needed` (what needs it) leading the message. Mix in before
+    `Pipeline`."""
+
+    processor_needed: str = "This pipeline needs the model's processor"
+    # None: a folder without a processor loads, and __init__ says what is missing.
+    _load_processor = None
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                f"{self.processor_needed}: save it into the model folder (processor.save_pretrained(folder)) or "
+                "pass processor=..."
+            )
+
+
 class SampleInputsMixin:
     """`pipeline(images, **sample)` or `pipeline([{"images": ..., **sample}, ...])`: gathers the arguments named in
     `sample_keys` (images first) into one sample dict for `Pipeline.__call__`. Mix in before `Pipeline`."""

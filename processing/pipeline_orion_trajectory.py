@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
-from .pipeline_inputs import SampleInputsMixin, fetch_urls
+from .pipeline_inputs import ProcessorPipelineMixin, SampleInputsMixin, fetch_urls
 from .processing_driving_placeholders import DRIVING_FEATURES
 from .trajectory_request import TrajectoryRequests, trajectory_forward_options
 
 SAMPLE_KEYS = ("images", *DRIVING_FEATURES, "command", "prompt")
 
 
-class OrionTrajectoryPipeline(SampleInputsMixin, Pipeline):
+class OrionTrajectoryPipeline(ProcessorPipelineMixin, SampleInputsMixin, Pipeline):
     """Plans the ego trajectory of one driving sample per call, with an Orion model or a `VLMForTrajectory`.
 
     ```python
@@ -38,20 +38,10 @@ class OrionTrajectoryPipeline(SampleInputsMixin, Pipeline):
 
     sample_keys = SAMPLE_KEYS
 
-    # None: a folder without a processor loads, and __init__ says what is missing.
-    _load_processor = None
-    _load_image_processor = False
-    _load_video_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
+    processor_needed = "The trajectory-prediction pipeline needs the model's processor"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.processor is None:
-            raise ValueError(
-                "The trajectory-prediction pipeline needs the model's processor: save it into the model folder "
-                "(processor.save_pretrained(folder)) or pass processor=..."
-            )
         self.requests = TrajectoryRequests(self.model.config, self.processor)
 
     def _sanitize_parameters(self, timeout: float | None = None, **kwargs: Any) -> tuple[dict, dict, dict]:

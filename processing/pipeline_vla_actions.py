@@ -14,12 +14,12 @@ from transformers import Pipeline
 
 from .collator_vla import VLADataCollator, check_manipulation_record
 from .image_inputs import open_images
-from .pipeline_inputs import SampleInputsMixin
+from .pipeline_inputs import ProcessorPipelineMixin, SampleInputsMixin
 
 SAMPLE_KEYS = ("images", "instruction", "state")
 
 
-class ActionPredictionPipeline(SampleInputsMixin, Pipeline):
+class ActionPredictionPipeline(ProcessorPipelineMixin, SampleInputsMixin, Pipeline):
     """Predicts the action chunk of one observation per call.
 
     ```python
@@ -36,20 +36,10 @@ class ActionPredictionPipeline(SampleInputsMixin, Pipeline):
 
     sample_keys = SAMPLE_KEYS
 
-    # None: a folder without a processor loads, and __init__ says what is missing.
-    _load_processor = None
-    _load_image_processor = False
-    _load_video_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
+    processor_needed = "The action-prediction pipeline needs the family's processor"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.processor is None:
-            raise ValueError(
-                "The action-prediction pipeline needs the family's processor: save it into the model folder "
-                "(processor.save_pretrained(folder)) or pass processor=..."
-            )
         self.collator = VLADataCollator.for_model(self.processor, self.model.config, with_actions=False)
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:

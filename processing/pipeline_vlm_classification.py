@@ -13,10 +13,10 @@ import torch
 from transformers.pipelines import ImageClassificationPipeline
 
 from .image_inputs import open_image
-from .pipeline_inputs import fetch_urls, user_prompt
+from .pipeline_inputs import ProcessorPipelineMixin, fetch_urls, user_prompt
 
 
-class VLMImageClassificationPipeline(ImageClassificationPipeline):
+class VLMImageClassificationPipeline(ProcessorPipelineMixin, ImageClassificationPipeline):
     """Classifies one image per input with a `pooling="multimodal"` `VLMForImageClassification`.
 
     ```python
@@ -29,17 +29,10 @@ class VLMImageClassificationPipeline(ImageClassificationPipeline):
     and `timeout` work as in `ImageClassificationPipeline`.
     """
 
-    # None: a folder without a processor loads, and __init__ says what is missing.
-    _load_processor = None
-    _load_image_processor = False
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if self.processor is None:
-            raise ValueError(
-                'A pooling="multimodal" classifier reads a prompt: the image-classification pipeline needs the '
-                "family's processor saved in the model folder (processor.save_pretrained(folder)) or processor=..."
-            )
+    processor_needed = (
+        'A pooling="multimodal" classifier reads a prompt: the image-classification pipeline needs the family\'s '
+        "processor"
+    )
 
     def _sanitize_parameters(
         self,
