@@ -26,6 +26,7 @@ from highway_env.envs.common.observation import ObservationType  # noqa: E402
 from highway_env.road.road import LaneIndex, Road, RoadNetwork, Route  # noqa: E402
 from highway_env.utils import class_from_path  # noqa: E402
 from highway_env.vehicle.behavior import IDMVehicle  # noqa: E402
+from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
 from highway_env.vehicle.kinematics import Vehicle  # noqa: E402
 
 POLICY_HZ = 4
@@ -127,6 +128,8 @@ class DrivenVehicle(IDMVehicle):
     ({"acceleration": m/s², "steering": rad}) does."""
 
     control: dict[str, float] | None = None
+    # Drawn green like highway-env's own ego car, not blue like its IDM traffic.
+    color = VehicleGraphics.EGO_COLOR
 
     def act(self, action: dict | str | None = None) -> None:
         if self.control is None:

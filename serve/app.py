@@ -57,6 +57,7 @@ from .openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    ChoiceLogprobs,
     ChunkChoice,
     ClassificationData,
     ClassificationRequest,
@@ -67,6 +68,8 @@ from .openai_protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     TrajectoryRequest,
     TrajectoryResponse,
     Usage,
@@ -546,7 +549,15 @@ class Server:
             top_k=body.top_k,
             seed=body.seed,
             stop_token_ids=self.stop_token_ids,
+            logprobs=body.logprobs_count,
         )
+        if body.logprobs and not self.engine.supports_logprobs:
+            raise APIError(
+                400,
+                f"{type(self.engine).__name__} reports no log-probabilities.",
+                param="logprobs",
+                code="unsupported",
+            )
         stream = EngineStream(self.engine, generation)
         self.streams.add(stream)
         text = CompletionText(self.tokenizer, body.stop_strings)
@@ -557,16 +568,22 @@ class Server:
             return CancellingStreamingResponse(
                 chunks, stream.cancel, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
+        logprobs: list[TokenLogprob] | None = [] if body.logprobs else None
         try:
-            finish_reason = await self.collect(request, stream, text)
+            finish_reason = await self.collect(request, stream, text, logprobs)
         finally:
             stream.cancel()
         completion_tokens = len(text.token_ids)
+        choice = ChatChoice(
+            message=AssistantMessage(content=text.text),
+            finish_reason=finish_reason,
+            logprobs=None if logprobs is None else ChoiceLogprobs(content=logprobs),
+        )
         response = ChatCompletionResponse(
             id=completion_id,
             created=created,
             model=self.engine.model_id,
-            choices=[ChatChoice(message=AssistantMessage(content=text.text), finish_reason=finish_reason)],
+            choices=[choice],
             usage=Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
@@ -575,11 +592,26 @@ class Server:
         )
         return JSONResponse(dump(response))
 
-    async def collect(self, request: Request, stream: EngineStream, text: CompletionText) -> str:
-        """Runs a request to its end; returns its finish reason."""
+    def token_logprob(self, event: TokenEvent) -> TokenLogprob:
+        """OpenAI's log-probability entry of the token an event carries."""
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            token = self.tokenizer.decode([token_id])
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+        top = [TopLogprob(**entry(token_id, logprob)) for token_id, logprob in event.top_logprobs]
+        return TokenLogprob(**entry(event.token_id, event.logprob), top_logprobs=top)
+
+    async def collect(
+        self, request: Request, stream: EngineStream, text: CompletionText, logprobs: list[TokenLogprob] | None = None
+    ) -> str:
+        """Runs a request to its end, appending each token's log-probability entry to `logprobs` when given;
+        returns its finish reason."""
         while True:
             event = await stream.next_event(request)
             text.push(event.token_id, final=event.finish_reason is not None)
+            if logprobs is not None and event.logprob is not None:
+                logprobs.append(self.token_logprob(event))
             if event.finish_reason == "error":
                 raise stream.error(event)
             if text.stopped:
@@ -597,8 +629,10 @@ class Server:
         prompt_tokens: int,
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
-            choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        def chunk(
+            delta: DeltaMessage, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None
+        ) -> str:
+            choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
             body = ChatCompletionChunk(id=completion_id, created=created, model=self.engine.model_id, choices=[choice])
             data = dump(body, exclude={"usage"} if not include_usage else set())
             return sse(data)
@@ -608,7 +642,10 @@ class Server:
         while finish_reason is None:
             event = await stream.next_event(request)
             delta = text.push(event.token_id, final=event.finish_reason is not None)
-            if delta:
+            if event.logprob is not None:
+                # Every token's entry goes out with the text it makes safe to send, or on its own chunk.
+                yield chunk(DeltaMessage(content=delta), logprobs=ChoiceLogprobs(content=[self.token_logprob(event)]))
+            elif delta:
                 yield chunk(DeltaMessage(content=delta))
             if event.finish_reason == "error":
                 error = stream.error(event)

@@ -30,6 +30,8 @@ class GenerationRequest:
         top_k: keep the k most likely tokens (0: off; only when sampling).
         seed: seeds this request's sampling generator, so a sampled answer can be reproduced.
         stop_token_ids: generation ends after emitting any of these (the eos ids; the server adds none of its own).
+        logprobs: None, or report each token's log-probability and the `logprobs` most likely tokens' (engines
+            with `supports_logprobs`).
     """
 
     request_id: str
@@ -40,6 +42,7 @@ class GenerationRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     top_k: int = 0
+    logprobs: int | None = None
 
     def sampling_params(self) -> SamplingParams:
         """The request's sampling settings, checked: a `ValueError` names a field outside its range."""
@@ -61,6 +64,10 @@ class TokenEvent:
     finish_reason: str | None = None
     error: str | None = None
     client_error: bool = False
+    #: With `GenerationRequest.logprobs`: the model's log-probability of `token_id`, and the most likely
+    #: (token id, log-probability) pairs at that step.
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class GenerationEngine(abc.ABC):
@@ -78,6 +85,8 @@ class GenerationEngine(abc.ABC):
     #: The model's `PretrainedConfig` when the engine has it: the server reads the model's tasks from it (a driving
     #: model's `ego_token_id` enables POST /v1/trajectory, a classifier's `id2label` POST /classify).
     config: Any = None
+    #: Whether the engine reports log-probabilities (`GenerationRequest.logprobs`); the server refuses them if not.
+    supports_logprobs: bool = False
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> None:
