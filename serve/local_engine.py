@@ -24,7 +24,7 @@ from ..modeling.capabilities import backbone_family_of
 from ..modeling.positions import decode_positions, prompt_positions
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
 from .heads import backbone_config_of, forward_options, generation_refusal
-from .sampling import RequestSampler, SamplingError, sample_rows_isolated
+from .sampling import RequestSampler, SamplingError, sample_rows_isolated, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class LocalEngine(GenerationEngine):
         max_batch_size: at most this many requests decode together; later ones wait in a queue.
         max_context: the longest prompt + completion accepted (default: the text config's `max_position_embeddings`).
     """
+
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -185,29 +187,38 @@ class LocalEngine(GenerationEngine):
             logger.exception("The event callback of request %s failed.", slot.request.request_id)
 
     def _finish(
-        self, slot: _Slot, token: int | None, reason: str, error: Exception | None = None, client_error: bool = False
+        self,
+        slot: _Slot,
+        token: int | None,
+        reason: str,
+        error: Exception | None = None,
+        client_error: bool = False,
+        **token_fields: Any,
     ) -> None:
         slot.finished = True
         slot.cache = None
         with self._wakeup:
             self._known_ids.discard(slot.request.request_id)
             self._cancelled.discard(slot.request.request_id)
-        event = TokenEvent(slot.request.request_id, token, finish_reason=reason)
+        event = TokenEvent(slot.request.request_id, token, finish_reason=reason, **token_fields)
         if error is not None:
             event.error = f"{type(error).__name__}: {error}"
             event.client_error = client_error
         self._emit(slot, event)
 
-    def _accept_token(self, slot: _Slot, token: int) -> None:
-        """Emits `token`, ending the request on a stop token or at max_new_tokens."""
+    def _accept_token(self, slot: _Slot, token: int, logits: torch.Tensor) -> None:
+        """Emits `token` (drawn from `logits` (V,)), ending the request on a stop token or at max_new_tokens."""
         slot.generated += 1
         slot.last_token = token
+        fields: dict[str, Any] = {}
+        if slot.request.logprobs is not None:
+            fields["logprob"], fields["top_logprobs"] = token_logprobs(logits, token, slot.request.logprobs)
         if token in slot.request.stop_token_ids:
-            self._finish(slot, token, "stop")
+            self._finish(slot, token, "stop", **fields)
         elif slot.generated >= slot.request.max_new_tokens:
-            self._finish(slot, token, "length")
+            self._finish(slot, token, "length", **fields)
         else:
-            self._emit(slot, TokenEvent(slot.request.request_id, token))
+            self._emit(slot, TokenEvent(slot.request.request_id, token, **fields))
 
     def _prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Positions of the prompt (3, 1, S) for M-RoPE models, else (1, S), and the offset of decode positions."""
@@ -241,7 +252,7 @@ class LocalEngine(GenerationEngine):
             # The model's input checks raise ValueError for what the request itself got wrong.
             self._finish(slot, None, "error", error=error, client_error=isinstance(error, ValueError))
             return False
-        self._accept_token(slot, token)
+        self._accept_token(slot, token, outputs.logits[0, -1])
         return not slot.finished
 
     def _join(self, joining: list[_Slot]) -> None:
@@ -315,12 +326,12 @@ class LocalEngine(GenerationEngine):
                 self._finish(slot, None, "error", error=error)
             self._rows, self._cache, self._mask = [], None, None
             return
-        for slot, token in zip(rows, tokens, strict=True):
+        for row, (slot, token) in enumerate(zip(rows, tokens, strict=True)):
             slot.cached_tokens += 1
             if isinstance(token, SamplingError):
                 # This row alone ends; its batch-mates go on.
                 logger.warning("Sampling request %s failed: %s", slot.request.request_id, token)
                 self._finish(slot, None, "error", error=token, client_error=True)
             else:
-                self._accept_token(slot, token)
+                self._accept_token(slot, token, outputs.logits[row, -1])
         self._drop_rows(set())

@@ -78,6 +78,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, description="vLLM's extra: keep the k most likely tokens (0: off).")
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
@@ -87,7 +89,14 @@ class ChatCompletionRequest(BaseModel):
     def _stop_strings_not_empty(self) -> ChatCompletionRequest:
         if any(stop == "" for stop in self.stop_strings):
             raise ValueError("stop strings must not be empty")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """None without `logprobs`, else how many most likely tokens to report beside each chosen one."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def completion_limit(self) -> int | None:
@@ -112,11 +121,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -137,7 +160,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

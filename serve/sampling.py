@@ -147,3 +147,11 @@ def _draw(sampler: RequestSampler, logits: torch.Tensor) -> int | SamplingError:
     if not math.isfinite(total) or total <= 0.0:
         return SamplingError(f"the warped distribution is not finite (total probability {total}).")
     return int(torch.multinomial(probabilities, 1, generator=sampler.generator)[0, 0])
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's log-probability of `token` under logits (V,) (log-softmax of the raw logits, before any warper,
+    as OpenAI and vLLM report it), and the `top` most likely (token id, log-probability) pairs, most likely first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(top) if top > 0 else (logprobs[:0], logprobs[:0].long())
+    return float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True))

@@ -95,6 +95,61 @@ def test_openai_client_streaming_with_usage(client):
     assert all(chunk.usage is None for chunk in chunks[:-1])
 
 
+def reference_logprobs(prompt_text: str, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy tokens of `model.generate` and the model's log-softmax at each step (steps, V)."""
+    model, processor = tiny_parts()
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": prompt_text}]}], add_generation_prompt=True
+    )
+    inputs = processor(text=[prompt], return_tensors="pt")
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    tokens = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, torch.log_softmax(torch.cat(output.logits).float(), dim=-1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_models_log_softmax(client, stream):
+    """logprobs / top_logprobs through the official client: each chosen token's value and the top 3 are the
+    model's own log-softmax at that step, in order."""
+    tokens, logprobs = reference_logprobs("Rate the road.", 5)
+    answer = client.chat.completions.create(
+        model=EMBEDDED_MODEL_ID,
+        messages=[{"role": "user", "content": "Rate the road."}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=stream,
+    )
+    if stream:
+        entries = [
+            entry
+            for chunk in answer
+            if chunk.choices and chunk.choices[0].logprobs
+            for entry in chunk.choices[0].logprobs.content
+        ]
+    else:
+        entries = answer.choices[0].logprobs.content
+    _, processor = tiny_parts()
+    assert [entry.token for entry in entries] == [processor.decode([token]) for token in tokens]
+    for step, (token, entry) in enumerate(zip(tokens, entries, strict=True)):
+        assert entry.logprob == pytest.approx(float(logprobs[step, token]), abs=1e-4)
+        values, ids = logprobs[step].topk(3)
+        assert [top.token for top in entry.top_logprobs] == [processor.decode([index]) for index in ids.tolist()]
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+    plain = client.chat.completions.create(
+        model=EMBEDDED_MODEL_ID, messages=[{"role": "user", "content": "Rate the road."}], max_tokens=2
+    )
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(
+            model=EMBEDDED_MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, top_logprobs=2
+        )
+
+
 def test_stream_without_usage_ends_with_done(base_url):
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=chat_body("Hi", max_tokens=3, stream=True)) as r:
         lines = [line for line in r.iter_lines() if line]
