@@ -15,7 +15,8 @@ from .remote_code import SelfContainedCodeMixin
 @strict
 class VLMHeadConfig(SelfContainedCodeMixin, PretrainedConfig):
     r"""
-    Configuration of a task head on a VLM backbone of any registered family (see `modeling/families.py`).
+    Configuration of a task head on a VLM backbone of any registered family (see `modeling/families.py`). The
+    family table is model-side code: the model checks that the backbone is a registered family when it is built.
 
     backbone_config (`dict` or `PretrainedConfig`):
         Configuration of the backbone VLM, e.g. a `Qwen2VLConfig`; a dict needs its `model_type`.

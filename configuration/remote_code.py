@@ -10,7 +10,8 @@ imports rewritten into same-folder ones, and records the class in `auto_map`, so
 A model names its Hugging Face pipelines by string (`pipelines`), never imports them: the pipeline's code is looked
 up only when the model is saved, so a folder ships the code of its own task only.
 
-Imports only the standard library: configurations use it, and they import no torch.
+Imports only the standard library (transformers' remote-code loader inside the one function that needs it):
+configurations use it, and they import no torch.
 """
 
 import ast
@@ -75,14 +76,19 @@ def code_reference(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
-def import_pipeline_module(owner: type, reference: str) -> str:
+def import_pipeline_module(owner: type, reference: str, source: str | None = None) -> str:
     """Imports the module of a pipeline named by `reference` (`"..processing.pipeline_x.PipelineClass"`, relative to
-    `owner`'s module) and returns its module name. Code loaded from a saved folder is flat: there the module is a
-    sibling (`".pipeline_x"`)."""
+    `owner`'s module) and returns its module name.
+
+    Code loaded from a saved folder is flat: there the module is a sibling (`".pipeline_x"`), or, when loading the
+    model did not need it, a file of the folder or Hub repository `source` the model came from, imported the way
+    transformers imports remote code.
+    """
     module_path, _, class_name = reference.rpartition(".")
+    file_stem = module_path.rsplit(".", 1)[-1]
     package = owner.__module__.rpartition(".")[0]
     tried = []
-    for candidate in (module_path, "." + module_path.rsplit(".", 1)[-1]):
+    for candidate in (module_path, "." + file_stem):
         name = importlib.util.resolve_name(candidate, package)
         tried.append(name)
         try:
@@ -92,6 +98,14 @@ def import_pipeline_module(owner: type, reference: str) -> str:
         if not isinstance(getattr(module, class_name, None), type):
             raise ValueError(f"{owner.__name__}.pipelines names {reference!r}, but {name} defines no {class_name}.")
         return name
+    if source:
+        # Only remote code re-saved from its folder gets here; transformers is what loaded it.
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        try:
+            return get_class_from_dynamic_module(f"{file_stem}.{class_name}", source).__module__
+        except (OSError, AttributeError) as error:
+            tried.append(f"{source}/{file_stem}.py ({error})")
     raise ValueError(f"{owner.__name__}.pipelines names {reference!r}, but none of {tried} can be imported.")
 
 
@@ -163,7 +177,10 @@ class SelfContainedCodeMixin:
         owner = self.code_owner()
         reference = code_reference(type(self))
         owner.auto_map = {**(getattr(owner, "auto_map", None) or {}), **dict.fromkeys(self.auto_classes, reference)}
-        pipeline_modules = {task: import_pipeline_module(type(self), impl) for task, impl in self.pipelines.items()}
+        source = getattr(owner, "name_or_path", None)
+        pipeline_modules = {
+            task: import_pipeline_module(type(self), impl, source) for task, impl in self.pipelines.items()
+        }
         if self.pipelines:
             owner.custom_pipelines = {
                 task: {"impl": ".".join(impl.rsplit(".", 2)[-2:]), "pt": self.model_auto_classes()}

@@ -1,5 +1,8 @@
-"""Task heads on any registered VLM family: the backbone is the family's own transformers model, held as
-`self.backbone`, and the head reads what the family table says the backbone produces.
+"""The base of the task heads on any registered VLM family, and what they read from a backbone: the backbone is the
+family's own transformers model, held as `self.backbone`, and the head reads what the family table says the backbone
+produces (`image_features`, `sequence_states`). The heads themselves live one per file
+(`modeling_vlm_classification.py`, `modeling_vlm_trajectory.py`, `modeling_vla.py`), so that a saved folder ships
+only its own head's code.
 """
 
 import copy

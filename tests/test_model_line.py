@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from orion_helpers import FAMILIES, driving_batch, small_model
+from remote_code_checks import run_without_vlmheads
 from transformers import AutoConfig
 
 from vlmheads import VLMClassificationConfig, VLMForImageClassification, VLMForTrajectory, create_vlm, tiny_vlm_config
@@ -25,6 +26,14 @@ def test_configuration_modules_import_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(CONFIGURATION_MODULES) >= 9
+
+
+def test_a_backbone_of_no_registered_family_is_refused_when_the_model_is_built():
+    from transformers import BertConfig
+
+    config = VLMClassificationConfig(backbone_config=BertConfig(), classifier_hidden_dims=[8])
+    with pytest.raises(ValueError, match=r"BertConfig \(model_type 'bert'\) is not a registered VLM family"):
+        VLMForImageClassification(config)
 
 
 def test_the_named_models_and_the_generic_heads_share_one_head_each():
@@ -146,3 +155,18 @@ def test_from_backbone_takes_id2label_without_label2id():
     model = VLMForImageClassification.from_backbone(create_vlm("llava", tiny=True), id2label={0: "a", 1: "b", 2: "c"})
     assert model.config.label2id == {"a": 0, "b": 1, "c": 2}
     assert model.classifier.out_proj.out_features == 3
+
+
+@pytest.mark.slow
+def test_a_model_loaded_as_remote_code_saves_its_pipeline_again(tmp_path):
+    # Loading the model does not import its pipeline (named by string): saving it again fetches the pipeline's file
+    # from the folder it came from.
+    small_model(FAMILIES["qwen2_vl"]).save_pretrained(tmp_path / "saved")
+    target = tmp_path / "resaved"
+    results = run_without_vlmheads("isolated_resave.py", tmp_path / "saved", {"target": str(target)}, tmp_path)
+    assert "pipeline_orion_trajectory.py" in results["files"] and "trajectory_request.py" in results["files"]
+    assert results["custom_pipelines"]["trajectory-prediction"]["impl"] == (
+        "pipeline_orion_trajectory.OrionTrajectoryPipeline"
+    )
+    assert results["files"] == sorted(path.name for path in (tmp_path / "saved").glob("*.py"))
+    AutoConfig.from_pretrained(target)  # its references name code the folder holds
