@@ -1,22 +1,31 @@
-"""ONNX Runtime (`vlmheads.onnx_export.OnnxVLM`) vs PyTorch eager `generate` on the CPU, on one small random Qwen2-VL.
+"""Text generation on the CPU, engines side by side on one small random Qwen2-VL: ONNX Runtime GenAI on the same
+decoder weights, `vlmheads.onnx_export.OnnxVLM` with the fp32, int8 and int4 decoders, PyTorch eager, and PyTorch
+with `torch.compile`.
 
 The model is built in code with random weights: text hidden 512, 8 layers, 8 attention heads (2 key/value heads,
-as Qwen2-VL-2B uses grouped-query attention), vocabulary 32,000; a small vision tower (depth 4, width 256, 4 heads)
-reads one 448 x 448 image = 1,024 patches = 256 image tokens. The prompt is text, the image, text.
+as Qwen2-VL-2B uses grouped-query attention), intermediate 1536, vocabulary 32,000. Every engine reads the same
+text prompt (random token ids; without images Qwen2-VL's M-RoPE positions are the plain 1-D ones, so ONNX Runtime
+GenAI runs the same decoder weights as a Qwen2ForCausalLM built by its own model builder).
 
-- prefill: median time of `generate(max_new_tokens=1)` (vision tower, embedding, first decoder pass, one token);
-- decode per token: (median time with N new tokens - prefill) / (N - 1), both with the KV cache;
-- vision: the vision tower alone on the image.
-PyTorch runs `model.generate(..., do_sample=False)`; ONNX Runtime runs `OnnxVLM.generate` on the export of the same
-model (fp32), and again with the dynamically quantized int8 decoder (`vlmheads.onnx_export.quantize`), whose top-1
-agreement with the fp32 decoder (teacher-forced, over a fixed prompt set) is printed too.
+Per engine (a row), the engines taking turns every round, medians:
+- prefill: `generate(max_new_tokens=1)`;
+- decode per token: (time with N new tokens - prefill) / (N - 1), with each engine's key/value cache;
+- peak RSS: the high-water mark (VmHWM) of a fresh process that loads the engine and generates N tokens;
+- top-1 agreement with the fp32 ONNX decoder, teacher-forced on its greedy continuation of fixed prompts;
+- decode / bandwidth limit: decode per token divided by the time to read the decoder's weight files once at the
+  memory bandwidth measured in the same run (a large NumPy copy: bytes read + bytes written per second).
 
-    python benchmarks/bench_onnx.py --threads 2
+    python benchmarks/bench_onnx.py --threads 1
 """
 
 import argparse
+import copy
 import functools
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,11 +34,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from vlmheads.offline.configs import tiny_qwen2_vl_kwargs
 from vlmheads.onnx_export import OnnxVLM, export_onnx
-from vlmheads.onnx_export.quantize import int8_vlm, quantize_decoder, token_prompts, top1_agreement
+from vlmheads.onnx_export.manifest import read_manifest
+from vlmheads.onnx_export.quantize import INT4_DECODER, INT8_DECODER, quantize_decoder, token_prompts, top1_agreement
+
+ONNX_ENGINES = {"OnnxVLM fp32": "decoder", "OnnxVLM int8": INT8_DECODER, "OnnxVLM int4": INT4_DECODER}
+COPY_BYTES = 256 * 1024**2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,15 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--vision-depth", type=int, default=4)
-    parser.add_argument("--vision-width", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=448, help="side of the square image, a multiple of 28")
-    parser.add_argument("--text-tokens", type=int, default=32, help="text tokens around the image")
+    parser.add_argument("--prompt-tokens", type=int, default=290, help="length of the text prompt")
     parser.add_argument("--new-tokens", type=int, default=32, help="N: tokens generated for the decode timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads and ONNX Runtime intra-op threads")
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 decoder")
+    parser.add_argument("--agreement-prompts", type=int, default=8, help="prompts for the top-1 agreement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--no-genai", action="store_true", help="skip the ONNX Runtime GenAI row")
     parser.add_argument("--out-dir", type=Path, default=None, help="where to export (default: a temporary folder)")
+    parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -64,7 +77,6 @@ def small_model(args: argparse.Namespace) -> Qwen2VLForConditionalGeneration:
         rope_parameters={"rope_type": "default", "mrope_section": [half_head - 2 * spatial, spatial, spatial]},
         eos_token_id=None,
     )
-    kwargs["vision_config"].update(depth=args.vision_depth, embed_dim=args.vision_width, num_heads=4)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**kwargs)).eval()
     model.generation_config.eos_token_id = None
@@ -72,27 +84,92 @@ def small_model(args: argparse.Namespace) -> Qwen2VLForConditionalGeneration:
     return model
 
 
-def prompt_inputs(model: Qwen2VLForConditionalGeneration, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Token ids `text <vision_start> <image_pad> * T <vision_end> text` and the image's pixel values, as the Qwen
-    processor would return them."""
-    config = model.config
-    side = args.image_size
-    processor = Qwen2VLImageProcessor(min_pixels=side * side, max_pixels=side * side)
-    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    pixels = processor(images=[image], return_tensors="np")
-    grid = pixels["image_grid_thw"]
-    image_tokens = int(grid.prod()) // config.vision_config.spatial_merge_size**2
-    text = np.random.default_rng(1).integers(10, args.vocab_size, args.text_tokens)
-    half = args.text_tokens // 2
-    image_ids = [config.vision_start_token_id, *[config.image_token_id] * image_tokens, config.vision_end_token_id]
-    input_ids = np.concatenate([text[:half], image_ids, text[half:]])[None].astype(np.int64)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": np.ones_like(input_ids),
-        "mm_token_type_ids": (input_ids == config.image_token_id).astype(np.int64),
-        "pixel_values": pixels["pixel_values"],
-        "image_grid_thw": grid,
-    }
+def language_model_folder(model: Qwen2VLForConditionalGeneration, folder: Path) -> Path:
+    """Saves `model`'s decoder and LM head as a Qwen2ForCausalLM (the same weights) for GenAI's model builder."""
+    text = model.config.text_config
+    config = Qwen2Config(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"]},
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    language_model = Qwen2ForCausalLM(config).eval()
+    language_model.model.load_state_dict(model.model.language_model.state_dict())
+    language_model.lm_head.load_state_dict(model.lm_head.state_dict())
+    language_model.save_pretrained(folder)
+    return folder
+
+
+def build_genai(model: Qwen2VLForConditionalGeneration, work: Path, threads: int) -> Path:
+    """The ONNX Runtime GenAI model builder's fp32 CPU model of `model`'s decoder, in `work/genai`, set to run on
+    `threads` intra-op threads like the other engines."""
+    source = language_model_folder(model, work / "qwen2_causal_lm")
+    target = work / "genai"
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(target)]
+    run = subprocess.run([*command, "-p", "fp32", "-e", "cpu"], capture_output=True, text=True, timeout=1800)
+    if run.returncode != 0:
+        raise RuntimeError(f"GenAI's model builder failed: {run.stderr[-2000:]}")
+    config_path = target / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    config_path.write_text(json.dumps(config, indent=2))
+    return target
+
+
+class GenAIEngine:
+    """Greedy generation and teacher-forced top-1 with ONNX Runtime GenAI on `folder`."""
+
+    def __init__(self, folder: Path, vocab_size: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.clear_providers()
+        self.model = og.Model(config)
+        self.vocab_size = vocab_size
+
+    def _generator(self, max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=max_length, batch_size=1)
+        return self.og.Generator(self.model, params)
+
+    def generate(self, input_ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        generator = self._generator(input_ids.shape[1] + new_tokens)
+        generator.append_tokens(input_ids.astype(np.int32))
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+        return np.asarray(generator.get_sequence(0))[None]
+
+    def top1(self, input_ids: np.ndarray, continuation: np.ndarray) -> np.ndarray:
+        """Argmax of the next-token logits after the prompt and after each continuation token but the last."""
+        generator = self._generator(input_ids.shape[1] + len(continuation))
+        generator.append_tokens(input_ids.astype(np.int32))
+        tops = []
+        for token in continuation:
+            tops.append(int(np.asarray(generator.get_logits()).reshape(-1, self.vocab_size)[-1].argmax()))
+            generator.append_tokens(np.array([[token]], dtype=np.int32))
+        return np.array(tops)
+
+
+def copy_bandwidth(repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s: bytes read plus bytes written per second by a `COPY_BYTES` NumPy copy."""
+    source = np.ones(COPY_BYTES // 8)
+    target = np.empty_like(source)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    return 2 * COPY_BYTES / statistics.median(times[1:])
 
 
 def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -109,83 +186,201 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def graph_bytes(out_dir: Path, graph: str) -> int:
+    """Bytes of a manifest graph's files: what a decode step reads at least once."""
+    entry = read_manifest(out_dir, verify_checksums=False)["graphs"][graph]
+    return sum((out_dir / name).stat().st_size for name in [entry["file"], *entry["external_data"]])
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+def measure_rss(engine: str, work: Path, args: argparse.Namespace) -> None:
+    """In a fresh process: load `engine`, generate N tokens after the prompt, print the peak RSS in bytes."""
+    torch.set_num_threads(args.threads)
+    prompt = np.load(work / "prompt.npy")
+    if engine in ONNX_ENGINES:
+        host = OnnxVLM(work / "onnx", session_options=session_options(args.threads), decoder=ONNX_ENGINES[engine])
+        host.generate(prompt, max_new_tokens=args.new_tokens)
+    elif engine == "GenAI fp32":
+        GenAIEngine(work / "genai", args.vocab_size).generate(prompt, args.new_tokens)
+    else:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(work / "torch").eval()
+        if engine == "PyTorch torch.compile":
+            model.forward = torch.compile(model.forward, dynamic=True)
+        with torch.no_grad():
+            model.generate(torch.from_numpy(prompt), max_new_tokens=args.new_tokens, do_sample=False)
+    status = Path("/proc/self/status").read_text()
+    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_bytes": peak_kb * 1024}))
+
+
+def peak_rss(engine: str, work: Path, argv: list[str]) -> float | None:
+    """Peak RSS (bytes) of `measure_rss(engine)` in a subprocess; None if it failed."""
+    run = subprocess.run(
+        [sys.executable, __file__, *argv, "--rss-of", engine, "--out-dir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if run.returncode != 0:
+        print(f"peak RSS of {engine} not measured: {run.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def torch_top1(model: torch.nn.Module, prompt: np.ndarray, continuation: np.ndarray) -> np.ndarray:
+    """Teacher-forced argmax of `model` at the prompt's last position and each continuation token but the last."""
+    sequence = torch.from_numpy(np.concatenate([prompt[0], continuation[:-1]])[None])
+    with torch.no_grad():
+        logits = model(input_ids=sequence).logits[0, prompt.shape[1] - 1 :]
+    return logits.argmax(-1).numpy()
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.rss_of is not None:
+        measure_rss(args.rss_of, args.out_dir, args)
+        return
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 to time decoding, got {args.new_tokens}.")
     torch.set_num_threads(args.threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-
-    model = small_model(args)
-    inputs = prompt_inputs(model, args)
-    torch_inputs = {name: torch.from_numpy(value) for name, value in inputs.items()}
     scratch = tempfile.TemporaryDirectory()
-    out_dir = args.out_dir or Path(scratch.name)
+    work = args.out_dir or Path(scratch.name)
+    work.mkdir(parents=True, exist_ok=True)
+    model = small_model(args)
+    model.save_pretrained(work / "torch")
+    prompt = token_prompt(args)
+    np.save(work / "prompt.npy", prompt)
     start = time.perf_counter()
-    export_onnx(model, None, out_dir, image_size=(args.image_size, args.image_size), dtype="float32")
+    export_onnx(model, None, work / "onnx", include_vision=False)
+    quantize_decoder(work / "onnx", bits=8)
+    quantize_decoder(work / "onnx", bits=4, block_size=32, accuracy_level=4)
     export_seconds = time.perf_counter() - start
-    vlm = OnnxVLM(out_dir, session_options=options)
+    out_dir = work / "onnx"
 
-    def torch_generate(new_tokens: int) -> torch.Tensor:
-        with torch.no_grad():
-            return model.generate(**torch_inputs, max_new_tokens=new_tokens, do_sample=False)
-
-    def onnx_generate(host: OnnxVLM) -> Callable[[int], np.ndarray]:
-        return lambda new_tokens: host.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-
-    def torch_vision() -> object:
-        with torch.no_grad():
-            return model.model.get_image_features(torch_inputs["pixel_values"], torch_inputs["image_grid_thw"])
-
-    same_tokens = np.array_equal(torch_generate(args.new_tokens).numpy(), onnx_generate(vlm)(args.new_tokens))
-    engines = {"torch": torch_generate, "fp32": onnx_generate(vlm)}
-    agreement = None
-    if not args.no_int8:
-        quantize_decoder(out_dir)
-        engines["int8"] = onnx_generate(int8_vlm(out_dir, session_options=options))
-        agreement = top1_agreement(out_dir, token_prompts(out_dir, num_prompts=8, length=24), max_new_tokens=16)
-    runs = {
-        "torch vision": torch_vision,
-        "fp32 vision": lambda: vlm.vision(inputs["pixel_values"], inputs["image_grid_thw"]),
+    engines: dict[str, Callable[[int], object]] = {}
+    top1: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+    notes = []
+    if not args.no_genai:
+        try:
+            genai = GenAIEngine(build_genai(model, work, args.threads), args.vocab_size)
+            engines["GenAI fp32"] = functools.partial(genai.generate, prompt)
+            top1["GenAI fp32"] = genai.top1
+        except (ImportError, RuntimeError) as error:
+            notes.append(f"GenAI row skipped: {error}")
+    hosts = {
+        name: OnnxVLM(out_dir, session_options=session_options(args.threads), decoder=graph)
+        for name, graph in ONNX_ENGINES.items()
     }
-    for name, generate in engines.items():
-        runs[f"{name} prefill"] = functools.partial(generate, 1)
-        runs[f"{name} total"] = functools.partial(generate, args.new_tokens)
+    for name, host in hosts.items():
+        engines[name] = functools.partial(lambda host, n: host.generate(prompt, max_new_tokens=n), host)
+
+    def torch_generate(module: torch.nn.Module, new_tokens: int) -> torch.Tensor:
+        with torch.no_grad():
+            return module.generate(torch.from_numpy(prompt), max_new_tokens=new_tokens, do_sample=False)
+
+    engines["PyTorch eager"] = functools.partial(torch_generate, model)
+    top1["PyTorch eager"] = functools.partial(torch_top1, model)
+    if not args.no_compile:
+        compiled = copy.deepcopy(model)
+        compiled.forward = torch.compile(compiled.forward, dynamic=True)
+        try:
+            torch_generate(compiled, 2)
+            engines["PyTorch torch.compile"] = functools.partial(torch_generate, compiled)
+            top1["PyTorch torch.compile"] = functools.partial(torch_top1, compiled)
+        except Exception as error:  # noqa: BLE001 - any compiler failure leaves the row out, said in the notes
+            notes.append(f"torch.compile row skipped: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+
+    reference = hosts["OnnxVLM fp32"].generate(prompt, max_new_tokens=args.new_tokens)
+    same_tokens = {
+        name: bool(np.array_equal(np.asarray(run(args.new_tokens)), reference)) for name, run in engines.items()
+    }
+    runs = {}
+    for name, run in engines.items():
+        runs[f"{name} prefill"] = functools.partial(run, 1)
+        runs[f"{name} total"] = functools.partial(run, args.new_tokens)
+    bandwidth_before = copy_bandwidth()
     medians = interleaved_medians(runs, args.repeats)
-    prefill = {name: medians[f"{name} prefill"] for name in engines}
-    decode = {name: (medians[f"{name} total"] - prefill[name]) / (args.new_tokens - 1) for name in engines}
-    rows = {
-        "prefill (ms)": list(prefill.values()),
-        "decode per token (ms)": list(decode.values()),
-        "vision tower (ms)": [medians["torch vision"], medians["fp32 vision"], *([None] * (len(engines) - 2))],
+    bandwidth = statistics.mean([bandwidth_before, copy_bandwidth()])
+
+    prompts = token_prompts(out_dir, num_prompts=args.agreement_prompts, length=24)
+    positions = 16
+    agreement = {"OnnxVLM fp32": 1.0}
+    for name, graph in ONNX_ENGINES.items():
+        if graph != "decoder":
+            agreement[name] = top1_agreement(out_dir, prompts, positions, decoder=graph)
+    for name, score in top1.items():
+        hits = total = 0
+        for item in prompts:
+            continuation = hosts["OnnxVLM fp32"].generate(item["input_ids"], max_new_tokens=positions)[0, 24:]
+            hits += int((score(item["input_ids"], continuation) == continuation).sum())
+            total += positions
+        agreement[name] = hits / total
+    weight_bytes = {
+        "GenAI fp32": sum(path.stat().st_size for path in (work / "genai").glob("model.onnx*"))
+        if "GenAI fp32" in engines
+        else None,
+        **{name: graph_bytes(out_dir, graph) for name, graph in ONNX_ENGINES.items()},
+        "PyTorch eager": graph_bytes(out_dir, "decoder"),
+        "PyTorch torch.compile": graph_bytes(out_dir, "decoder"),
     }
+    rss = {name: peak_rss(name, work, argv) for name in engines}
 
     text = model.config.text_config
-    vision = model.config.vision_config
     print(
-        f"Qwen2-VL, random weights: text hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
-        f"{text.num_attention_heads} heads ({text.num_key_value_heads} kv), vocab {text.vocab_size}; vision depth "
-        f"{vision.depth}, width {vision.embed_dim}; one {args.image_size}x{args.image_size} image "
-        f"({int(inputs['mm_token_type_ids'].sum())} image tokens), prompt {inputs['input_ids'].shape[1]} tokens, "
-        f"N = {args.new_tokens} new tokens, {args.threads} thread(s), median of {args.repeats}; "
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}; export {export_seconds:.0f} s"
+        f"Qwen2-VL decoder, random weights: hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
+        f"{text.num_attention_heads} heads ({text.num_key_value_heads} kv), intermediate {text.intermediate_size}, "
+        f"vocab {text.vocab_size}; text prompt {prompt.shape[1]} tokens, N = {args.new_tokens} new tokens, "
+        f"{args.threads} thread(s), {os.cpu_count()} CPUs, median of {args.repeats}; torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}; export and quantization {export_seconds:.0f} s; copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s"
     )
-    header = ["", "PyTorch eager", "ORT fp32", "speed-up"] + ([] if args.no_int8 else ["ORT int8 decoder", "speed-up"])
+    header = [
+        "engine",
+        "prefill (ms)",
+        "decode (ms/token)",
+        "decode vs PyTorch eager",
+        "peak RSS (MB)",
+        "top-1 agreement",
+        "decode / bandwidth limit",
+        "same tokens as fp32",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for name, (torch_seconds, *onnx_seconds) in rows.items():
-        cells = [name, f"{1000 * torch_seconds:.1f}"]
-        for seconds in onnx_seconds:
-            cells += (
-                ["same graph", ""] if seconds is None else [f"{1000 * seconds:.1f}", f"{torch_seconds / seconds:.2f}x"]
-            )
+    eager_decode = (medians["PyTorch eager total"] - medians["PyTorch eager prefill"]) / (args.new_tokens - 1)
+    for name in engines:
+        prefill = medians[f"{name} prefill"]
+        decode = (medians[f"{name} total"] - prefill) / (args.new_tokens - 1)
+        limit = weight_bytes[name] / bandwidth
+        cells = [
+            name,
+            f"{1000 * prefill:.1f}",
+            f"{1000 * decode:.2f}",
+            f"{eager_decode / decode:.2f}x",
+            "n/a" if rss[name] is None else f"{rss[name] / 1e6:.0f}",
+            f"{agreement[name]:.3f}",
+            f"{decode / limit:.2f} ({weight_bytes[name] / 1e6:.0f} MB)",
+            str(same_tokens[name]),
+        ]
         print("| " + " | ".join(cells) + " |")
-    print(f"greedy tokens identical (PyTorch vs ORT fp32, {args.new_tokens} new tokens): {same_tokens}")
-    if agreement is not None:
-        print(f"int8 vs fp32 decoder top-1 agreement (8 prompts x 16 positions, teacher-forced): {agreement:.3f}")
+    print(
+        f"top-1 agreement: {args.agreement_prompts} prompts x {positions} positions, teacher-forced on the fp32 "
+        "OnnxVLM greedy continuation"
+    )
+    for note in notes:
+        print(note)
     scratch.cleanup()
+
+
+def token_prompt(args: argparse.Namespace) -> np.ndarray:
+    """The benchmark's text prompt (1, prompt_tokens): fixed random ids above the special ones."""
+    return np.random.default_rng(1).integers(10, args.vocab_size, (1, args.prompt_tokens)).astype(np.int64)
 
 
 if __name__ == "__main__":

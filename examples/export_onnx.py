@@ -1,13 +1,16 @@
 """Exports a model to ONNX graphs with a manifest, for `vlmheads.onnx_export.OnnxVLM` (ONNX Runtime, no PyTorch).
 
-A saved folder (Orion, a receipt classifier, or a plain Qwen2-VL / Qwen2.5-VL checkpoint), or a tiny random model:
+A saved folder (Orion, a receipt classifier, a plain Qwen2-VL / Qwen2.5-VL / SmolVLM checkpoint), or a tiny random
+model:
 
     python examples/export_onnx.py --model outputs/orion_demo --out_dir outputs/orion_demo_onnx --image_size 56 56
     python examples/export_onnx.py --tiny orion_qwen2_vl --out_dir /tmp/orion_onnx --image_size 56 56
 
-The vision graph takes images of exactly `--image_size` (H W) pixels after the processor (a multiple of 28 for the
-Qwen backbones). Besides the graphs, the folder gets the processor and `sample_inputs.npz`: the processor's outputs
-for one prompt with a random image (and random driving features for Orion), ready for `OnnxVLM`.
+The Qwen vision graph takes images of any size up to the processor's `max_pixels`; `--image_size` (H W, a multiple
+of 28) is the example it is traced on and the size of the sample image. Besides the graphs, the folder gets the
+processor and `sample_inputs.npz`: the processor's outputs for one prompt with a random image (and random driving
+features for Orion), ready for `OnnxVLM`. Quantize the decoder afterwards with
+`vlmheads.onnx_export.quantize.quantize_decoder(out_dir, bits=4)` (or `bits=8`).
 """
 
 import logging
@@ -33,7 +36,9 @@ class ExportArguments:
     out_dir: str = field(metadata={"help": "Folder for the graphs, manifest.json, the processor and sample inputs."})
     model: str | None = field(default=None, metadata={"help": "A saved model folder (or Hub id)."})
     tiny: str | None = field(default=None, metadata={"help": f"Export a tiny random model instead: one of {TINY}."})
-    image_size: list[int] = field(default_factory=lambda: [672, 672], metadata={"help": "H W of the vision graph."})
+    image_size: list[int] = field(
+        default_factory=lambda: [672, 672], metadata={"help": "H W of the traced example image."}
+    )
     dtype: str = field(default="float32", metadata={"help": "float32 or float16."})
     vision: bool = field(default=True, metadata={"help": "Export the vision graph (--vision false: text only)."})
 

@@ -282,6 +282,7 @@ VLM_FAMILIES: dict[str, VLMFamily] = {
             image_token_expansion="image_seq_len tokens per image split and for the global image, between "
             "<fake_token_around_image> and a <row_r_col_c> / <global-img> marker",
             image_inputs=("pixel_values", "pixel_attention_mask"),
+            onnx_exportable=True,
             # SmolVLM-256M/500M-Instruct were published as Idefics3 configs; SmolVLM's classes read them as they are.
             other_model_types=("idefics3",),
             checkpoints={

@@ -1,28 +1,15 @@
 """Runs the receipt classifier graph of `classifier.export_classifier_graph` with ONNX Runtime; NumPy only."""
 
-from pathlib import Path
-
 import numpy as np
-import onnxruntime as ort
 
-from .manifest import open_graph
+from .manifest import GraphRunner
 
 PIXEL_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
 
-class ClassifierRunner:
+class ClassifierRunner(GraphRunner):
     """The processor's outputs (pixel_values (B, I, T, 3, S, S), aspect_ratio_ids (B, I), aspect_ratio_mask
     (B, I, T); other keys such as `input_ids` or `num_tiles` are not read) → class logits (B, num_labels)."""
-
-    def __init__(
-        self,
-        out_dir: Path,
-        entry: dict,
-        providers: list[str],
-        session_options: ort.SessionOptions | None = None,
-    ):
-        self.entry = entry
-        self.session = open_graph(out_dir, entry, providers, session_options)
 
     def __call__(self, **processor_outputs: np.ndarray) -> np.ndarray:
         missing = [name for name in PIXEL_INPUTS if processor_outputs.get(name) is None]

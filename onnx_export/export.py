@@ -1,8 +1,14 @@
-"""Export of Qwen2-VL / Qwen2.5-VL and the Orion models on them to split ONNX graphs, with a JSON manifest.
+"""Export of the VLM families the family table marks `onnx_exportable` (Qwen2-VL, Qwen2.5-VL, SmolVLM), the Orion
+models on Qwen, and image classifiers, to split ONNX graphs with a JSON manifest.
+
+What is exported follows the model's declared capabilities, never its class name: the family table entry
+(`backbone_family_of`: `onnx_exportable`, `positions` (M-RoPE or 1-D), `image_inputs`, module paths) and the head
+(`head_kind_of`: generation, trajectory, classification).
 
 Graphs (all with dynamic batch and sequence axes unless said otherwise):
 
-- `vision` (onnx-vision's `vision.py`): pixel values of one fixed-size image → image embeddings.
+- `vision`: image embeddings. Qwen (`vision.py`): pixel values of one fixed-size image. Families whose processor
+  gives whole images or tiles (SmolVLM, `image_graph.py`): any number of them, (N, 3, S, S) → (N * tokens, H).
 - `embedding`: `input_ids` (B, S) → `inputs_embeds` (B, S, H), so that the host needs no PyTorch. For Orion it also
   puts the learned `<ego_wp>` embedding in place (an elementwise `Where`).
 - `driving` (Orion): the projectors of scene queries (B, Ns, Ds), history queries (B, Nh, Dh) and the CAN bus
@@ -10,15 +16,26 @@ Graphs (all with dynamic batch and sequence axes unless said otherwise):
   graph: the host merges these rows at their placeholder tokens exactly as it merges image embeddings at
   `<|image_pad|>` (with the same count checks), no scatter runs inside a graph, and prompts without driving inputs
   need no dummy features.
-- `decoder`: `inputs_embeds` (B, S, H), `attention_mask` (B, P + S), `position_ids` (3, B, S), past keys and values
-  (B, kv_heads, P, head_dim) per layer → next-token `logits` (B, V) (float32), the present keys and values
-  (B, kv_heads, P + S, head_dim) and, for Orion, the last `hidden_states` (B, S, H). A prefill is the call with P = 0.
+- `decoder`: `inputs_embeds` (B, S, H), `attention_mask` (B, T) over the whole key/value buffer, `position_ids`
+  (3, B, S) for M-RoPE families or (B, S) for 1-D ones, `past_sequence_length` (0-d int64: P, the positions already
+  filled) and one key and one value buffer (B, kv_heads, T, head_dim) per layer (`past_key_values.{i}.key|value`)
+  → next-token `logits` (B, V) (float32, the last position only), the buffers with the S new keys and values
+  written at P … P + S - 1 (`present.{i}.key|value`) and, for Orion, the last `hidden_states` (B, S, H). Each
+  buffer goes through one ScatterND from input to output, so a host that binds one preallocated buffer as both
+  past and present (`OnnxVLM`, through ONNX Runtime IO binding) has it written in place: no per-token
+  concatenation or copy of the cache. A prefill is the call with P = 0; T is the capacity the host chose.
 - `trajectory` (Orion): the hidden state at `<ego_wp>` (B, H) (and the flow planner's `noise` (B, T, D)) →
   `trajectory_modes` (B, M, T, D) (float32).
+- classifiers with `pooling="vision"`: `classifier` (Mllama, the receipt classifier: pixels → logits in one graph,
+  `classifier.py`), or the `vision` graph and `classifier_head`: the mean image feature (B, H) → logits (B, C).
+
+Every export is written into a scratch folder that replaces `out_dir` only once it is complete
+(`manifest.staged_export`).
 
 Exported with the dynamo exporter (`torch.onnx.export(..., dynamo=True, dynamic_shapes=...)`): it exports the
-decoder with transformers' own (vmap-free) mask and `DynamicCache` unchanged, and gives the PyTorch numbers to
-within float rounding (about 1e-6 on the tiny models in fp32), so the legacy TorchScript exporter is not needed.
+decoder with transformers' own (vmap-free) mask and a `StaticLayer` cache over the buffers, and gives the PyTorch
+numbers to within float rounding (about 1e-6 on the tiny models in fp32), so the legacy TorchScript exporter is
+not needed.
 The decoder is traced with transformers' SDPA grouped-query switch on (`TRANSFORMERS_SDPA_FORCE_GQA`), so that
 its ONNX `Attention` nodes read the (B, kv_heads, T, head_dim) keys and values as they are, instead of after a
 `repeat_kv` Expand/Reshape per layer: the same numbers, about 10 % less decoder time per token on the CPU.
@@ -35,15 +52,14 @@ from unittest import mock
 import onnx
 import torch
 from torch import nn
-from transformers import (
-    DynamicCache,
-    PreTrainedModel,
-    ProcessorMixin,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLForConditionalGeneration,
-)
+from transformers import PreTrainedModel, ProcessorMixin
+from transformers.cache_utils import Cache, StaticLayer
 
-from .manifest import MROPE_RULE, write_manifest
+from ..configuration.constants import HEAD_CLASSIFICATION, HEAD_GENERATION, HEAD_TRAJECTORY
+from ..modeling.capabilities import backbone_family_of, head_kind_of
+from ..modeling.families import CROSS_ATTENTION, POSITIONS_MROPE, VLM_FAMILIES, VLMFamily, get_module
+from .manifest import MANIFEST_NAME, MROPE_RULE, staged_export, write_manifest
+from .runtime import PAST_LENGTH_INPUT, PAST_PREFIX, PRESENT_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +67,8 @@ OPSET = 23
 # Graphs whose weights are larger than this keep them in an external data file beside the .onnx file.
 EXTERNAL_DATA_THRESHOLD_BYTES = 2 * 1024**3
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-QWEN_CLASSES = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 # Example sizes for tracing: dynamic axes must not be 0 or 1 at export, and differ from each other.
-EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 7, 5
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST, EXAMPLE_CAPACITY = 2, 7, 5, 15
 # Read by `transformers.integrations.sdpa_attention.use_gqa_in_sdpa`.
 FORCE_GQA_VARIABLE = "TRANSFORMERS_SDPA_FORCE_GQA"
 
@@ -94,14 +109,42 @@ class DrivingGraph(nn.Module):
         )
 
 
-class DecoderGraph(nn.Module):
-    """The language model and its head over a flat list of past keys and values (see the module docstring)."""
+class BufferLayer(StaticLayer):
+    """A transformers `StaticLayer` over key/value buffers that are graph inputs, (B, kv_heads, T, head_dim) each,
+    whose first `past_length` positions hold the past; a call writes its S new keys and values at `past_length` …
+    `past_length + S - 1`."""
 
-    def __init__(self, model: PreTrainedModel, with_hidden_states: bool):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past_length: torch.Tensor):
+        super().__init__(max_cache_len=keys.shape[2])
+        self.keys, self.values, self.cumulative_length = keys, values, past_length
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # Out of place, on the leading (batch, head, position) axes (StaticLayer writes in place along axis 2): the
+        # graph then holds one ScatterND per buffer that reads the past input and is the present output, which ONNX
+        # Runtime runs in place when the host binds one buffer to both.
+        batch, heads, length = key_states.shape[:3]
+        positions = torch.arange(length, device=key_states.device) + self.cumulative_length
+        index = (
+            torch.arange(batch, device=key_states.device).view(-1, 1, 1),
+            torch.arange(heads, device=key_states.device).view(1, -1, 1),
+            positions.view(1, 1, -1),
+        )
+        self.keys = self.keys.index_put(index, key_states)
+        self.values = self.values.index_put(index, value_states)
+        return self.keys, self.values
+
+
+class DecoderGraph(nn.Module):
+    """The language model and its head over preallocated key/value buffers (see the module docstring); the head
+    runs on the last position only: logits (B, V) float32."""
+
+    def __init__(self, model: PreTrainedModel, family: VLMFamily, with_hidden_states: bool):
         super().__init__()
-        self.language_model = model.model.language_model
-        self.lm_head = model.lm_head
-        self.num_layers = model.config.text_config.num_hidden_layers
+        self.language_model = get_module(model, family.language_model)
+        self.lm_head = get_module(model, family.lm_head)
+        self.num_layers = model.config.get_text_config().num_hidden_layers
         self.with_hidden_states = with_hidden_states
 
     def forward(
@@ -109,10 +152,14 @@ class DecoderGraph(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        *past_key_values: torch.Tensor,
+        past_sequence_length: torch.Tensor,
+        *key_value_buffers: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        cache = DynamicCache(
-            ddp_cache_data=[(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
+        cache = Cache(
+            layers=[
+                BufferLayer(key_value_buffers[2 * i], key_value_buffers[2 * i + 1], past_sequence_length)
+                for i in range(self.num_layers)
+            ]
         )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -122,8 +169,9 @@ class DecoderGraph(nn.Module):
             use_cache=True,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states[:, -1]).float()
-        present = [tensor for layer in outputs.cache.layers for tensor in (layer.keys, layer.values)]
+        # (B, 1, H) @ (H, V): a MatMul, which the weight quantizers take (a 2-D input would export as Gemm).
+        logits = self.lm_head(hidden_states[:, -1:]).float()[:, 0]
+        present = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
         return (logits, hidden_states, *present) if self.with_hidden_states else (logits, *present)
 
 
@@ -140,9 +188,9 @@ class TrajectoryGraph(nn.Module):
         return self.trajectory_decoder(ego_features, noise.to(ego_features.dtype)).float()
 
 
-def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
-    """`prefix.{layer}.key` and `prefix.{layer}.value` for every layer, in the decoder graph's order."""
-    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+def past_names(num_layers: int, prefix: str = PAST_PREFIX) -> list[str]:
+    """`{prefix}{layer}.key` and `{prefix}{layer}.value` for every layer, in the decoder graph's order."""
+    return [f"{prefix}{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
@@ -204,7 +252,7 @@ def export_graph(
 
 
 def _text_sizes(model: PreTrainedModel) -> dict[str, int]:
-    text_config = model.config.text_config
+    text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     return {
         "num_layers": text_config.num_hidden_layers,
@@ -216,14 +264,29 @@ def _text_sizes(model: PreTrainedModel) -> dict[str, int]:
     }
 
 
-def _is_orion(model: PreTrainedModel) -> bool:
-    return hasattr(model, "driving_embeddings") and hasattr(model, "trajectory_decoder")
+def exportable_family(model: PreTrainedModel) -> VLMFamily:
+    """The family-table entry of `model`'s backbone, or a `ValueError` when the table does not mark it
+    `onnx_exportable`."""
+    family = backbone_family_of(model)
+    if not family.onnx_exportable:
+        exportable = sorted(entry.name for entry in VLM_FAMILIES.values() if entry.onnx_exportable)
+        raise ValueError(
+            f"{type(model).__name__} runs on the {family.name!r} family, which the family table does not mark "
+            f"onnx_exportable; ONNX export runs on {exportable} (and receipt-style classifiers on Mllama)."
+        )
+    return family
 
 
-def export_embedding(model: PreTrainedModel, out_dir: Path) -> dict[str, Any]:
+def _is_orion(model: PreTrainedModel, family: VLMFamily) -> bool:
+    """A trajectory head that is the family's own model class (Orion: Qwen2-VL plus driving inputs and a planner),
+    as opposed to a wrapper head around a backbone."""
+    return head_kind_of(model) == HEAD_TRAJECTORY and isinstance(model, family.model_cls)
+
+
+def export_embedding(model: PreTrainedModel, out_dir: Path, orion: bool) -> dict[str, Any]:
     embed_tokens = model.get_input_embeddings()
-    ego_token_id = getattr(model.config, "ego_token_id", None) if _is_orion(model) else None
-    ego_embedding = model.driving_embeddings.ego_embedding.weight[0] if ego_token_id is not None else None
+    ego_token_id = model.config.ego_token_id if orion else None
+    ego_embedding = model.driving_embeddings.ego_embedding.weight[0] if orion else None
     input_ids = torch.randint(0, embed_tokens.num_embeddings, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), device=model.device)
     return export_graph(
         EmbeddingGraph(embed_tokens, ego_token_id, ego_embedding),
@@ -235,32 +298,41 @@ def export_embedding(model: PreTrainedModel, out_dir: Path) -> dict[str, Any]:
     )
 
 
-def export_decoder(model: PreTrainedModel, out_dir: Path, with_hidden_states: bool) -> dict[str, Any]:
+def export_decoder(
+    model: PreTrainedModel, family: VLMFamily, out_dir: Path, with_hidden_states: bool
+) -> dict[str, Any]:
+    """The decoder graph over key/value buffers; its `position_ids` are (3, B, S) for M-RoPE families and (B, S)
+    for the others."""
     sizes = _text_sizes(model)
     on_model = {"dtype": model.dtype, "device": model.device}
-    batch, seq, past = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST
+    batch, seq, past, total = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST, EXAMPLE_CAPACITY
     inputs_embeds = torch.randn(batch, seq, sizes["hidden_size"], **on_model)
-    attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=model.device)
-    position_ids = torch.arange(past, past + seq, device=model.device).view(1, 1, -1).expand(3, batch, -1).contiguous()
-    kv_shape = (batch, sizes["num_key_value_heads"], past, sizes["head_dim"])
-    past_key_values = [torch.randn(kv_shape, **on_model) for _ in range(2 * sizes["num_layers"])]
-    names = past_names(sizes["num_layers"])
+    attention_mask = torch.zeros(batch, total, dtype=torch.long, device=model.device)
+    attention_mask[:, : past + seq] = 1
+    position_ids = torch.arange(past, past + seq, device=model.device).view(1, -1).expand(batch, -1)
+    position_axes = {0: "batch", 1: "sequence"}
+    if family.positions == POSITIONS_MROPE:
+        position_ids = position_ids[None].expand(3, -1, -1)
+        position_axes = {1: "batch", 2: "sequence"}
+    kv_shape = (batch, sizes["num_key_value_heads"], total, sizes["head_dim"])
+    buffers = [torch.randn(kv_shape, **on_model) for _ in range(2 * sizes["num_layers"])]
     outputs = [
         "logits",
         *(["hidden_states"] if with_hidden_states else []),
-        *past_names(sizes["num_layers"], "present"),
+        *past_names(sizes["num_layers"], PRESENT_PREFIX),
     ]
     with mock.patch.dict(os.environ, {FORCE_GQA_VARIABLE: "1"}):
         return export_graph(
-            DecoderGraph(model, with_hidden_states),
-            (inputs_embeds, attention_mask, position_ids, *past_key_values),
+            DecoderGraph(model, family, with_hidden_states),
+            (inputs_embeds, attention_mask, position_ids.contiguous(), torch.tensor(past), *buffers),
             (
                 {0: "batch", 1: "sequence"},
-                {0: "batch", 1: "total_sequence"},
-                {1: "batch", 2: "sequence"},
-                tuple([{0: "batch", 2: "past_sequence"}] * len(past_key_values)),
+                {0: "batch", 1: "capacity"},
+                position_axes,
+                None,
+                tuple([{0: "batch", 2: "capacity"}] * len(buffers)),
             ),
-            ["inputs_embeds", "attention_mask", "position_ids", *names],
+            ["inputs_embeds", "attention_mask", "position_ids", PAST_LENGTH_INPUT, *past_names(sizes["num_layers"])],
             outputs,
             out_dir / "decoder.onnx",
         )
@@ -301,7 +373,9 @@ def export_trajectory(model: PreTrainedModel, out_dir: Path) -> dict[str, Any]:
     )
 
 
-def _token_ids(model: PreTrainedModel, processor: ProcessorMixin | None) -> dict[str, Any]:
+def _token_ids(model: PreTrainedModel, processor: ProcessorMixin | None, orion: bool) -> dict[str, Any]:
+    from ..modeling.modeling_vlm_heads import image_token_id
+
     config = model.config
     generation_config = model.generation_config
     eos = generation_config.eos_token_id
@@ -310,13 +384,16 @@ def _token_ids(model: PreTrainedModel, processor: ProcessorMixin | None) -> dict
     if pad is None and processor is not None:
         pad = processor.tokenizer.pad_token_id
     token_ids = {
-        "image": config.image_token_id,
-        "video": config.video_token_id,
-        "vision_start": config.vision_start_token_id,
+        "image": image_token_id(config),
         "eos": eos,
         "pad": pad if pad is not None else (eos[0] if eos else None),
     }
-    if _is_orion(model):
+    # Qwen's video and vision-start tokens, where the family has them (ONNX Runtime GenAI's config names them).
+    for kind in ("video", "vision_start", "vision_end"):
+        token_id = getattr(config, f"{kind}_token_id", None)
+        if token_id is not None:
+            token_ids[kind] = token_id
+    if orion:
         token_ids.update(
             {kind: getattr(config, f"{kind}_token_id") for kind in ("scene", "history", "can_bus", "ego")}
         )
@@ -326,9 +403,26 @@ def _token_ids(model: PreTrainedModel, processor: ProcessorMixin | None) -> dict
 def _export_classifier(
     model: PreTrainedModel, processor: ProcessorMixin, out_dir: Path, image_size: tuple[int, int], dtype: str
 ) -> Path:
-    from .classifier import export_classifier_graph
+    """A `pooling="vision"` classifier: Mllama's in one graph (`classifier.py`), any other exportable family's as
+    its vision graph and a head graph (`image_graph.py`)."""
+    if model.config.pooling != "vision":
+        raise ValueError(
+            f'Only pooling="vision" classifiers export (pixels → logits); this model has '
+            f"pooling={model.config.pooling!r}, whose head reads the text decoder."
+        )
+    family = backbone_family_of(model)
+    if family.architecture == CROSS_ATTENTION:
+        from .classifier import export_classifier_graph
 
-    entry = export_classifier_graph(model, processor, out_dir, image_size, dtype)
+        graphs = {"classifier": export_classifier_graph(model, processor, out_dir, image_size, dtype)}
+    else:
+        from .image_graph import export_classifier_head_graph, export_image_features_graph
+
+        exportable_family(model)
+        graphs = {
+            "vision": export_image_features_graph(model, family, processor, out_dir / "vision.onnx", dtype),
+            "classifier_head": export_classifier_head_graph(model, out_dir / "classifier_head.onnx", dtype),
+        }
     processor.save_pretrained(out_dir / "processor")
     return write_manifest(
         out_dir,
@@ -336,66 +430,65 @@ def _export_classifier(
             "kind": "classifier",
             "architecture": type(model).__name__,
             "model_type": model.config.model_type,
+            "family": family.name,
+            "head_kind": HEAD_CLASSIFICATION,
             "dtype": dtype,
-            "graphs": {"classifier": entry},
+            "graphs": graphs,
         },
     )
 
 
-def export_onnx(
+def _export_generation(
     model: PreTrainedModel,
     processor: ProcessorMixin | None,
-    out_dir: str | Path,
-    image_size: tuple[int, int] = (672, 672),
-    dtype: str = "float32",
-    include_vision: bool = True,
+    out_dir: Path,
+    image_size: tuple[int, int],
+    dtype: str,
+    include_vision: bool,
 ) -> Path:
-    """Exports `model` to ONNX graphs in `out_dir` and writes `manifest.json`; returns the manifest's path.
-
-    `model`: a Qwen2-VL / Qwen2.5-VL model, an Orion model on either, or a `ReceiptVLClassifier`. `image_size`
-    (H, W): the one resolution the vision graph takes. `dtype`: "float32" or "float16" (the weights and
-    activations; logits and waypoints come out as float32). `include_vision=False` leaves out the vision graph
-    (text-only deployments, or image embeddings computed elsewhere). The processor, when given, is saved beside
-    the graphs.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from vlmheads.modeling.modeling_receipt_vl import ReceiptVLClassifier
-
-    if isinstance(model, ReceiptVLClassifier):
-        return _export_classifier(model, processor, out_dir, image_size, dtype)
-    if not isinstance(model, QWEN_CLASSES):
-        raise ValueError(
-            "export_onnx takes Qwen2-VL / Qwen2.5-VL models (and the Orion models on them) or a ReceiptVLClassifier, "
-            f"got {type(model).__name__}."
-        )
+    family = exportable_family(model)
     export_model = model if model.dtype == DTYPES[dtype] else copy.deepcopy(model).to(DTYPES[dtype])
     export_model.eval()
-    orion = _is_orion(export_model)
+    orion = _is_orion(export_model, family)
     graphs = {}
     if include_vision:
-        from .vision import export_vision_graph
+        if family.positions == POSITIONS_MROPE:
+            from .vision import export_vision_graph
 
-        logger.info("Exporting the vision graph for %d x %d images...", *image_size)
-        graphs["vision"] = export_vision_graph(export_model, out_dir / "vision.onnx", tuple(image_size), dtype)
-    graphs["embedding"] = export_embedding(export_model, out_dir)
-    graphs["decoder"] = export_decoder(export_model, out_dir, with_hidden_states=orion)
+            # The Qwen image processors keep max_pixels as size["longest_edge"].
+            max_pixels = None if processor is None else processor.image_processor.size["longest_edge"]
+            logger.info("Exporting the vision graph (traced on a %d x %d image)...", *image_size)
+            graphs["vision"] = export_vision_graph(
+                export_model, out_dir / "vision.onnx", tuple(image_size), dtype, max_pixels
+            )
+        else:
+            from .image_graph import export_image_features_graph
+
+            if processor is None:
+                raise ValueError(f"Exporting a {family.name} vision graph needs the processor (its image sizes).")
+            graphs["vision"] = export_image_features_graph(
+                export_model, family, processor, out_dir / "vision.onnx", dtype
+            )
+    graphs["embedding"] = export_embedding(export_model, out_dir, orion)
+    graphs["decoder"] = export_decoder(export_model, family, out_dir, with_hidden_states=orion)
     manifest = {
         "kind": "orion" if orion else "vlm",
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
+        "family": family.name,
+        "head_kind": head_kind_of(model),
         "dtype": dtype,
         "graphs": graphs,
-        "token_ids": _token_ids(model, processor),
+        "token_ids": _token_ids(model, processor, orion),
         "decoder": _text_sizes(export_model),
-        "mrope": {
+        "positions": family.positions,
+    }
+    if family.positions == POSITIONS_MROPE:
+        manifest["mrope"] = {
             "rule": MROPE_RULE,
             "spatial_merge_size": model.config.vision_config.spatial_merge_size,
             "mrope_section": model.config.text_config.rope_parameters.get("mrope_section"),
-        },
-    }
+        }
     if orion:
         config = model.config
         graphs["driving"] = export_driving(export_model, out_dir)
@@ -409,3 +502,51 @@ def export_onnx(
     if processor is not None:
         processor.save_pretrained(out_dir / "processor")
     return write_manifest(out_dir, manifest)
+
+
+def export_onnx(
+    model: PreTrainedModel,
+    processor: ProcessorMixin | None,
+    out_dir: str | Path,
+    image_size: tuple[int, int] = (672, 672),
+    dtype: str = "float32",
+    include_vision: bool = True,
+) -> Path:
+    """Exports `model` to ONNX graphs in `out_dir` and writes `manifest.json`; returns the manifest's path.
+
+    `model`: a backbone of a family the table marks `onnx_exportable` (Qwen2-VL, Qwen2.5-VL, SmolVLM), an Orion
+    model, or an image classifier with `pooling="vision"` (`ReceiptVLClassifier`, `VLMForImageClassification`).
+    `image_size` (H, W): the example image Qwen's vision graph is traced on (it then takes any size up to the
+    processor's `max_pixels`). `dtype`: "float32" or "float16" (the weights and activations; logits and waypoints come
+    out as float32). `include_vision=False` leaves out the vision graph (text-only deployments, or image
+    embeddings computed elsewhere). The processor, when given, is saved beside the graphs.
+
+    `out_dir` must be missing, empty or an earlier export, which is replaced only once the new one is complete: a
+    failed export leaves nothing behind.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"export_onnx takes a transformers PreTrainedModel (a VLM or a vlmheads head model), got "
+            f"{type(model).__name__}."
+        )
+    head_kind = head_kind_of(model)
+    with staged_export(Path(out_dir)) as staging:
+        if head_kind == HEAD_CLASSIFICATION:
+            if processor is None:
+                raise ValueError("Exporting a classifier needs its processor (the graphs are traced on its output).")
+            _export_classifier(model, processor, staging, image_size, dtype)
+        elif head_kind in (HEAD_GENERATION, HEAD_TRAJECTORY):
+            if head_kind == HEAD_TRAJECTORY and not _is_orion(model, exportable_family(model)):
+                raise ValueError(
+                    f"{type(model).__name__} is a trajectory head around a backbone; ONNX export runs the Orion "
+                    "models, whose planner sits on the Qwen model class."
+                )
+            _export_generation(model, processor, staging, image_size, dtype, include_vision)
+        else:
+            raise ValueError(
+                f"{type(model).__name__} has a {head_kind!r} head; ONNX export runs text generation, Orion "
+                "trajectories and pooling='vision' classifiers."
+            )
+    return Path(out_dir) / MANIFEST_NAME

@@ -16,11 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 KINDS = ("vlm", "orion", "classifier")
+# The manifest's `positions` value of 3-D M-RoPE decoders: `modeling.families.POSITIONS_MROPE`, restated here because
+# the torch-free host cannot import the family table (which imports transformers); a test pins the two equal.
+MROPE_POSITIONS = "mrope"
 # How the host computes the decoder's 3-D position ids: `vlmheads.onnx_export.mrope.rope_positions`.
 MROPE_RULE = (
     "Qwen2-VL M-RoPE: text tokens count up by one on the (temporal, height, width) rows; an image of (t, h, w) "
@@ -33,6 +37,14 @@ REQUIRED_KEYS = {"format_version": int, "kind": str, "dtype": str, "graphs": dic
 GENERATION_KEYS = {"token_ids": dict, "decoder": dict, "positions": str}
 GRAPH_KEYS = {"file": str, "external_data": list}
 CHUNK_BYTES = 1 << 22
+# NumPy dtypes of the ONNX Runtime input types the graphs take.
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(bool)": np.bool_,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 class ManifestError(ValueError):
@@ -81,7 +93,7 @@ def _check_types(path: Path, where: str, mapping: dict[str, Any], keys: dict[str
 
 def confined_path(out_dir: Path, name: Any, path: Path, key: str) -> Path:
     """`out_dir / name` for a relative `name` that stays inside `out_dir`; a `ManifestError` naming the manifest
-    `path` and `key` for anything else (not a string, absolute, `..`, or a link that leads outside)."""
+    `path` and `key` for anything else (not a string, absolute, or with a `..` part)."""
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{path}: {key} must be a file name inside the export folder, got {name!r}.")
     parts = PurePosixPath(name.replace("\\", "/"))
@@ -89,9 +101,6 @@ def confined_path(out_dir: Path, name: Any, path: Path, key: str) -> Path:
         raise ManifestError(
             f"{path}: {key} is {name!r}; graph paths must be relative and stay inside the export folder {out_dir}."
         )
-    resolved = (out_dir / name).resolve()
-    if not resolved.is_relative_to(out_dir.resolve()):
-        raise ManifestError(f"{path}: {key} is {name!r}, which leads outside the export folder {out_dir}.")
     return out_dir / name
 
 
@@ -104,7 +113,9 @@ def read_manifest(out_dir: Path, verify_checksums: bool = True) -> dict[str, Any
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"No {MANIFEST_NAME} in {out_dir}: export the model with vlmheads.onnx_export.export_onnx.")
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {out_dir}: export the model with vlmheads.onnx_export.export_onnx."
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -153,6 +164,22 @@ def open_graph(
 ) -> ort.InferenceSession:
     """An ONNX Runtime session of the manifest graph `entry` in `out_dir`."""
     return ort.InferenceSession(str(Path(out_dir) / entry["file"]), sess_options=session_options, providers=providers)
+
+
+class GraphRunner:
+    """One manifest graph of an export as an ONNX Runtime session: `entry` (its manifest entry), `session`, and the
+    NumPy dtype of each input (`input_types`)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        entry: dict[str, Any],
+        providers: list[str],
+        session_options: ort.SessionOptions | None = None,
+    ):
+        self.entry = entry
+        self.session = open_graph(out_dir, entry, providers, session_options)
+        self.input_types = {value.name: ORT_TYPES[value.type] for value in self.session.get_inputs()}
 
 
 @contextlib.contextmanager

@@ -28,6 +28,12 @@ def image_positions(start: int, grid_thw: np.ndarray, spatial_merge_size: int) -
     return np.stack([temporal.ravel(), height.ravel(), width.ravel()]).astype(np.int64) + start
 
 
+def text_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """1-D position ids (B, S) int64: the running count of real tokens, 0 at padding (attention mask 0)."""
+    attention_mask = np.asarray(attention_mask).astype(bool)
+    return np.where(attention_mask, np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
+
+
 def rope_positions(
     attention_mask: np.ndarray,
     mm_token_type_ids: np.ndarray | None = None,
@@ -43,8 +49,8 @@ def rope_positions(
     attention_mask = np.asarray(attention_mask).astype(bool)
     batch_size, seq_len = attention_mask.shape
     if mm_token_type_ids is None or image_grid_thw is None:
-        text_positions = np.where(attention_mask, np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
-        return np.broadcast_to(text_positions, (3, batch_size, seq_len)).copy(), np.zeros((batch_size, 1), np.int64)
+        positions = np.broadcast_to(text_positions(attention_mask), (3, batch_size, seq_len)).copy()
+        return positions, np.zeros((batch_size, 1), np.int64)
     mm_token_type_ids = np.asarray(mm_token_type_ids)
     if (mm_token_type_ids == VIDEO).any():
         raise ValueError("mm_token_type_ids mark video tokens (2); the ONNX runtime takes images only.")

@@ -3,8 +3,8 @@ transformers).
 
 It takes the processor's outputs (`return_tensors="np"`), embeds the tokens with the embedding graph, puts image
 embeddings (vision graph) and Orion's projected driving features (driving graph) in place of their placeholder
-tokens on the host, computes the 3-D M-RoPE positions in NumPy (`mrope.py`) and runs the decoder graph with a
-key/value cache.
+tokens on the host, computes the position ids in NumPy (`mrope.py`: 3-D M-RoPE or 1-D, as the manifest's
+`positions` says) and runs the decoder graph with a key/value cache.
 """
 
 from dataclasses import dataclass
@@ -14,23 +14,72 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import open_graph, read_manifest
-from .mrope import rope_positions
+from .manifest import MROPE_POSITIONS, ORT_TYPES, open_graph, read_manifest
+from .mrope import rope_positions, text_positions
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+# Room prefill leaves in the cache for new tokens unless told otherwise.
+DEFAULT_NEW_TOKENS = 64
+# The decoder graph's buffer inputs and outputs (`past_key_values.{i}.key`, `present.{i}.value`, ...) and the input
+# that says how many buffer positions are filled; the export names its graph inputs and outputs with these.
+PAST_PREFIX, PRESENT_PREFIX, PAST_LENGTH_INPUT = "past_key_values.", "present.", "past_sequence_length"
 # Orion's driving inputs, the placeholder token (manifest token_ids key) each fills, in the driving graph's order.
 DRIVING_FEATURES = {"scene_queries": "scene", "history_queries": "history", "can_bus": "can_bus"}
+
+
+class KeyValueCache:
+    """The decoder's key/value buffers, (B, kv_heads, capacity, head_dim) each, one per layer and kind: zeroed
+    `OrtValue`s on the execution provider's device, bound once to the decoder session as both its past inputs and
+    its present outputs (ONNX Runtime IO binding, GenAI's past-present-share-buffer idea). Each call writes its new
+    keys and values into them in place; nothing of the cache is concatenated or copied on the host."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        shape: tuple[int, int, int, int],
+        dtype: np.dtype,
+        device: str,
+        host_outputs: list[str],
+    ):
+        self.session = session
+        self.capacity = shape[2]
+        self.binding = session.io_binding()
+        # Outputs that come back to the host (logits, Orion's hidden states), bound first: they lead get_outputs().
+        self.host_outputs = list(host_outputs)
+        for name in self.host_outputs:
+            self.binding.bind_output(name, "cpu")
+        self.num_host_outputs = len(host_outputs)
+        past = [entry.name for entry in session.get_inputs() if entry.name.startswith(PAST_PREFIX)]
+        present = [entry.name for entry in session.get_outputs() if entry.name.startswith(PRESENT_PREFIX)]
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0) for _ in past]
+        for past_name, present_name, buffer in zip(past, present, self.buffers, strict=True):
+            self.binding.bind_ortvalue_input(past_name, buffer)
+            self.binding.bind_ortvalue_output(present_name, buffer)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Runs the decoder on `feeds` (the inputs other than the buffers); returns the host outputs."""
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        # Unallocated again: ONNX Runtime would otherwise reuse the last call's output, whose shape may differ.
+        for name in self.host_outputs:
+            self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        outputs = self.binding.get_outputs()
+        return [outputs[index].numpy() for index in range(self.num_host_outputs)]
 
 
 @dataclass
 class DecodeState:
     """Where generation stands: the last call's next-token `logits` (B, V) and `hidden_states` (B, S, H) (Orion
-    exports only), the cache (`past`: one (B, kv_heads, T, head_dim) array per layer and kind), the attention mask
-    over the cached tokens (B, T) and each row's last position (3, B)."""
+    exports only), the `cache` (its buffers hold the keys and values of the first L positions), the attention mask
+    over those positions (B, L) and each row's last position ((3, B) for M-RoPE, (B,) for 1-D positions).
+
+    `OnnxVLM.decode` writes the next step into the same cache buffers, so only the latest state can be continued.
+    """
 
     logits: np.ndarray
     hidden_states: np.ndarray | None
-    past: list[np.ndarray]
+    cache: KeyValueCache
     attention_mask: np.ndarray
     last_positions: np.ndarray
 
@@ -57,12 +106,14 @@ def _filter_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
 
 
 class OnnxVLM:
-    """An ONNX Runtime host for a Qwen2-VL / Qwen2.5-VL / Orion export (and the receipt classifier's).
+    """An ONNX Runtime host for an `export_onnx` folder: text generation (Qwen2-VL, Qwen2.5-VL, SmolVLM), Orion
+    waypoints, and classifiers.
 
     `out_dir`: the folder `export_onnx` wrote. `providers`: ONNX Runtime execution providers, e.g.
     `["CUDAExecutionProvider", "CPUExecutionProvider"]` (default: CPU). `session_options`: passed to every session.
     `decoder`: the manifest's decoder graph to run, "decoder" or "decoder_int8" (after
-    `vlmheads.onnx_export.quantize.quantize_decoder`); only that one is loaded.
+    `vlmheads.onnx_export.quantize.quantize_decoder`); only that one is loaded. `verify_checksums=False` skips
+    the SHA-256 check of the graph files against the manifest.
     """
 
     def __init__(
@@ -71,10 +122,13 @@ class OnnxVLM:
         providers: list[str] | None = None,
         session_options: ort.SessionOptions | None = None,
         decoder: str = "decoder",
+        verify_checksums: bool = True,
     ):
         self.out_dir = Path(out_dir)
-        self.manifest = read_manifest(self.out_dir)
+        self.manifest = read_manifest(self.out_dir, verify_checksums)
         self.providers = list(providers or DEFAULT_PROVIDERS)
+        # Where the key/value buffers live: on the GPU under the CUDA execution provider, else in host memory.
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         unavailable = [name for name in self.providers if name not in ort.get_available_providers()]
         if unavailable:
             raise ValueError(
@@ -94,9 +148,10 @@ class OnnxVLM:
             self.sessions["decoder"] = self.sessions.pop(decoder)
         self.vision = None
         if "vision" in graphs:
-            from .vision_runtime import VisionEncoder
+            from .vision_runtime import ImageFeatureEncoder, VisionEncoder
 
-            self.vision = VisionEncoder(self.out_dir, graphs["vision"], self.providers, session_options)
+            encoder = ImageFeatureEncoder if graphs["vision"].get("layout") == "images" else VisionEncoder
+            self.vision = encoder(self.out_dir, graphs["vision"], self.providers, session_options)
         self.classifier = None
         if "classifier" in graphs:
             from .classifier_runtime import ClassifierRunner
@@ -118,9 +173,22 @@ class OnnxVLM:
         return self.manifest["token_ids"].get(name)
 
     def classify(self, **processor_outputs: np.ndarray) -> np.ndarray:
-        """Class logits (B, num_labels) of the receipt classifier for the processor's outputs."""
+        """Class logits (B, num_labels) float32 of a `pooling="vision"` classifier for the processor's outputs.
+
+        One-graph exports (Mllama) run the `classifier` graph; the others run the vision graph, take the mean of
+        each sample's image embeddings (B, H) on the host and run the `classifier_head` graph.
+        """
         self._require("classifier", action="classify")
-        return self.classifier(**processor_outputs)
+        if self.classifier is not None:
+            return self.classifier(**processor_outputs)
+        embeddings = self.vision.per_sample(**processor_outputs)
+        empty = [index for index, rows in enumerate(embeddings) if not len(rows)]
+        if empty:
+            raise ValueError(f"Samples {empty} hold no image (all-zero pixel_values); the classifier reads one.")
+        pooled = np.stack([rows.astype(np.float32).mean(axis=0) for rows in embeddings])
+        head = self.sessions["classifier_head"]
+        (head_input,) = head.get_inputs()
+        return head.run(None, {head_input.name: pooled.astype(ORT_TYPES[head_input.type])})[0]
 
     def embed(
         self,
@@ -131,11 +199,13 @@ class OnnxVLM:
         scene_queries: np.ndarray | None = None,
         history_queries: np.ndarray | None = None,
         can_bus: np.ndarray | None = None,
+        pixel_attention_mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Input embeddings (B, S, H) with image embeddings and driving features in place of their tokens.
 
-        Images come as `pixel_values` + `image_grid_thw` (run through the vision graph) or as precomputed
-        `image_embeds` (total image tokens, H).
+        Images come as the processor's image inputs (`pixel_values` + `image_grid_thw` for Qwen, `pixel_values` +
+        `pixel_attention_mask` for SmolVLM), run through the vision graph, or as precomputed `image_embeds` (total
+        image tokens, H).
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         inputs_embeds = self.sessions["embedding"].run(None, {"input_ids": input_ids})[0]
@@ -145,9 +215,12 @@ class OnnxVLM:
                 raise ValueError("Give pixel_values or image_embeds, not both.")
             if self.vision is None:
                 raise ValueError(f"pixel_values were given but {self.out_dir} was exported without a vision graph.")
-            if image_grid_thw is None:
+            if self.manifest["graphs"]["vision"].get("layout") == "images":
+                image_embeds = self.vision(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask)
+            elif image_grid_thw is None:
                 raise ValueError("pixel_values need image_grid_thw (the processor returns both).")
-            image_embeds = self.vision(np.asarray(pixel_values), np.asarray(image_grid_thw))
+            else:
+                image_embeds = self.vision(np.asarray(pixel_values), np.asarray(image_grid_thw))
         num_image_tokens = int(image_mask.sum())
         if image_embeds is not None or num_image_tokens:
             rows = 0 if image_embeds is None else len(image_embeds)
@@ -206,15 +279,45 @@ class OnnxVLM:
         return inputs_embeds
 
     def _run_decoder(
-        self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
-        session = self.sessions["decoder"]
-        names = [entry.name for entry in session.get_inputs()]
-        feeds = dict(zip(names, [inputs_embeds, attention_mask, position_ids, *past], strict=True))
-        outputs = session.run(None, feeds)
-        if self.kind == "orion":
-            return outputs[0], outputs[1], outputs[2:]
-        return outputs[0], None, outputs[1:]
+        self, cache: KeyValueCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decoder call on S new tokens after the L - S cached ones (`attention_mask` (B, L)): logits and, for
+        Orion, hidden states."""
+        length = attention_mask.shape[1]
+        mask = np.zeros((attention_mask.shape[0], cache.capacity), dtype=np.int64)
+        mask[:, :length] = attention_mask
+        outputs = cache.run(
+            {
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": mask,
+                "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+                PAST_LENGTH_INPUT: np.array(length - inputs_embeds.shape[1], dtype=np.int64),
+            }
+        )
+        return outputs[0], outputs[1] if self.kind == "orion" else None
+
+    def _prompt_positions(
+        self,
+        attention_mask: np.ndarray,
+        mm_token_type_ids: np.ndarray | None,
+        image_grid_thw: np.ndarray | None,
+        image_embeds: np.ndarray | None,
+    ) -> np.ndarray:
+        """The prompt's position ids: (3, B, S) M-RoPE or (B, S) 1-D, as the manifest's `positions` says."""
+        if self.manifest["positions"] != MROPE_POSITIONS:
+            return text_positions(attention_mask)
+        has_images = image_grid_thw is not None or image_embeds is not None
+        if has_images and mm_token_type_ids is None:
+            raise ValueError("Images need mm_token_type_ids (the processor returns them) for the M-RoPE positions.")
+        if image_embeds is not None and image_grid_thw is None:
+            raise ValueError("image_embeds need image_grid_thw for the M-RoPE positions of their tokens.")
+        position_ids, _ = rope_positions(
+            attention_mask,
+            mm_token_type_ids if has_images else None,
+            image_grid_thw,
+            self.manifest["mrope"]["spatial_merge_size"],
+        )
+        return position_ids
 
     def _check_length(self, length: int) -> None:
         maximum = self.manifest["decoder"]["max_sequence_length"]
@@ -235,13 +338,17 @@ class OnnxVLM:
         scene_queries: np.ndarray | None = None,
         history_queries: np.ndarray | None = None,
         can_bus: np.ndarray | None = None,
+        pixel_attention_mask: np.ndarray | None = None,
+        max_new_tokens: int = DEFAULT_NEW_TOKENS,
     ) -> DecodeState:
-        """Runs the prompt (B, S) through the decoder with an empty cache."""
+        """Runs the prompt (B, S) through the decoder into a fresh cache with room for `max_new_tokens` more."""
         self._require("vlm", "orion", action="prefill")
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, S), got {input_ids.shape}.")
-        self._check_length(input_ids.shape[1])
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}.")
+        self._check_length(input_ids.shape[1] + max_new_tokens)
         attention_mask = (
             np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         )
@@ -250,36 +357,42 @@ class OnnxVLM:
                 f"attention_mask must have the shape of input_ids {input_ids.shape}, got {attention_mask.shape}."
             )
         inputs_embeds = self.embed(
-            input_ids, pixel_values, image_grid_thw, image_embeds, scene_queries, history_queries, can_bus
-        )
-        has_images = image_grid_thw is not None or image_embeds is not None
-        if has_images and mm_token_type_ids is None:
-            raise ValueError("Images need mm_token_type_ids (the processor returns them) for the M-RoPE positions.")
-        if image_embeds is not None and image_grid_thw is None:
-            raise ValueError("image_embeds need image_grid_thw for the M-RoPE positions of their tokens.")
-        position_ids, _ = rope_positions(
-            attention_mask,
-            mm_token_type_ids if has_images else None,
+            input_ids,
+            pixel_values,
             image_grid_thw,
-            self.manifest["mrope"]["spatial_merge_size"],
+            image_embeds,
+            scene_queries,
+            history_queries,
+            can_bus,
+            pixel_attention_mask,
         )
+        position_ids = self._prompt_positions(attention_mask, mm_token_type_ids, image_grid_thw, image_embeds)
         sizes = self.manifest["decoder"]
-        kv_shape = (input_ids.shape[0], sizes["num_key_value_heads"], 0, sizes["head_dim"])
-        empty = [np.zeros(kv_shape, dtype=inputs_embeds.dtype) for _ in range(2 * sizes["num_layers"])]
-        logits, hidden_states, past = self._run_decoder(inputs_embeds, attention_mask, position_ids, empty)
-        return DecodeState(logits, hidden_states, past, attention_mask, position_ids[:, :, -1])
+        capacity = input_ids.shape[1] + max_new_tokens
+        cache = KeyValueCache(
+            self.sessions["decoder"],
+            (input_ids.shape[0], sizes["num_key_value_heads"], capacity, sizes["head_dim"]),
+            inputs_embeds.dtype,
+            self.device,
+            ["logits", "hidden_states"] if self.kind == "orion" else ["logits"],
+        )
+        logits, hidden_states = self._run_decoder(cache, inputs_embeds, attention_mask, position_ids)
+        return DecodeState(logits, hidden_states, cache, attention_mask, position_ids[..., -1])
 
     def decode(self, state: DecodeState, next_tokens: np.ndarray) -> DecodeState:
         """Feeds one new token per row (B,) after `state`; returns the state one step further."""
         next_tokens = np.asarray(next_tokens, dtype=np.int64).reshape(-1, 1)
         # Generated tokens are embedded as they are: images and driving features belong to the prompt.
         inputs_embeds = self.sessions["embedding"].run(None, {"input_ids": next_tokens})[0]
+        if state.attention_mask.shape[1] >= state.cache.capacity:
+            raise ValueError(
+                f"The cache is full: prefill reserved {state.cache.capacity} positions (the prompt and its "
+                "max_new_tokens); pass a larger max_new_tokens to prefill."
+            )
         attention_mask = np.concatenate([state.attention_mask, np.ones_like(next_tokens)], axis=1)
         positions = state.last_positions + 1
-        logits, hidden_states, past = self._run_decoder(
-            inputs_embeds, attention_mask, positions[:, :, None], state.past
-        )
-        return DecodeState(logits, hidden_states, past, attention_mask, positions)
+        logits, hidden_states = self._run_decoder(state.cache, inputs_embeds, attention_mask, positions[..., None])
+        return DecodeState(logits, hidden_states, state.cache, attention_mask, positions)
 
     def generate(
         self,
@@ -292,6 +405,7 @@ class OnnxVLM:
         scene_queries: np.ndarray | None = None,
         history_queries: np.ndarray | None = None,
         can_bus: np.ndarray | None = None,
+        pixel_attention_mask: np.ndarray | None = None,
         max_new_tokens: int = 20,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -332,6 +446,8 @@ class OnnxVLM:
             scene_queries,
             history_queries,
             can_bus,
+            pixel_attention_mask,
+            max_new_tokens,
         )
         sequences = input_ids
         unfinished = np.ones(input_ids.shape[0], dtype=bool)
@@ -387,6 +503,7 @@ class OnnxVLM:
             scene_queries,
             history_queries,
             can_bus,
+            max_new_tokens=0,
         )
         ego_mask = np.asarray(input_ids) == self._token_id("ego")
         per_sample = ego_mask.sum(axis=1)

@@ -1,10 +1,12 @@
-"""Vision graph of Qwen2-VL and Qwen2.5-VL (and the Orion models on them) at one image resolution fixed at export.
+"""Vision graph of Qwen2-VL and Qwen2.5-VL (and the Orion models on them) for images of any size.
 
 The vision towers compute their rotary positions, attention segments (`cu_seqlens`) and, for Qwen2.5-VL, the window
-order and window segments from `grid_thw` with data-dependent Python (`grid_thw.tolist()`, `torch.split` on
-`lengths.tolist()`). The graph is traced for one grid, so all of these become constants of that resolution: the
-graph reads `pixel_values` (num_patches, patch_dim) of ONE image of `image_size` pixels and returns its embeddings
-(num_image_tokens, hidden). Several images are several calls, concatenated (`vision_runtime.VisionEncoder`).
+order and window segments from `grid_thw` with data-dependent Python (`grid_thw.tolist()`, loops, `torch.split` on
+`lengths.tolist()`), which a graph cannot hold for every size. The graph takes them as inputs instead, computed on
+the host in NumPy (`vision_grid.py`, tested equal to transformers' own helpers), and runs attention over the
+segments as one masked SDPA (`segment_attention`). It reads `pixel_values` (num_patches, patch_dim) of one image of
+any size and returns its embeddings (num_image_tokens, hidden). Several images are several calls, concatenated
+(`vision_runtime.VisionEncoder`).
 """
 
 import contextlib
@@ -15,12 +17,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from .vision_grid import vision_cu_seqlens, vision_position_ids, vision_window_index
 
 ONNX_OPSET = 18
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -28,6 +33,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 VISION_INPUT = "pixel_values"
 VISION_OUTPUT = "image_embeds"
+# The vision graph's grid-dependent inputs after pixel_values, in order (the last two for Qwen2.5-VL only).
+GRID_INPUTS = ("position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -135,61 +142,139 @@ class MatMulPatchEmbed(nn.Module):
         return nn.functional.linear(hidden_states.to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
 
 
+def segment_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The towers' packed attention over segments (`cu_seq_lens_q` (segments + 1,)) as one SDPA over all patches
+    with a block-diagonal mask: tensor operations only, so one graph holds every patch count and segment layout.
+    query, key, value (1, heads, N, head_dim) → (1, N, heads, head_dim), as transformers' attention functions
+    return."""
+    positions = torch.arange(query.shape[2], device=query.device)
+    segments = (positions[:, None] >= cu_seq_lens_q[None, 1:].to(positions.dtype)).sum(-1)
+    mask = segments[:, None] == segments[None, :]
+    output = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+# The towers send their attention through transformers' packed ("varlen", `cu_seqlens`) branch only for
+# implementations whose name says flash; registered under such a name, `segment_attention` takes that branch.
+SEGMENT_ATTENTION = "flash_compatible_segment_sdpa"
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
 @contextlib.contextmanager
-def patch_embedding_as_matmul(visual: nn.Module) -> Iterator[None]:
-    """Within the block, `visual.patch_embed` runs as `MatMulPatchEmbed`; the original module is put back after."""
-    patch_embed = visual.patch_embed
+def exportable_tower(visual: nn.Module) -> Iterator[None]:
+    """Within the block, `visual` runs its patch embedding as `MatMulPatchEmbed` and its attention as
+    `segment_attention`; both are put back after."""
+    patch_embed, implementation = visual.patch_embed, visual.config._attn_implementation
     visual.patch_embed = MatMulPatchEmbed(patch_embed)
+    visual.config._attn_implementation = SEGMENT_ATTENTION
     try:
         yield
     finally:
         visual.patch_embed = patch_embed
+        visual.config._attn_implementation = implementation
 
 
-class FixedGridVision(nn.Module):
-    """A Qwen2-VL / Qwen2.5-VL vision tower at one grid: pixel_values (num_patches, patch_dim), float32 as the
-    processor returns them → image embeddings (num_patches / merge², hidden) in the tower's dtype."""
+class GridInputsVision(nn.Module):
+    """A Qwen2-VL / Qwen2.5-VL vision tower whose grid-dependent tensors are inputs (`vision_grid.py` computes
+    them on the host): pixel_values (N, patch_dim) float32, position_ids (N, 2), cu_seqlens (segments + 1,) and,
+    with windows (Qwen2.5-VL), window_index (N / m², ) and cu_window_seqlens (windows + 1,) → image embeddings
+    (N / m², hidden) in the tower's dtype. transformers' vision helpers take them precomputed (`vision_utils`)."""
 
-    def __init__(self, visual: nn.Module, grid_thw: list[int]):
+    def __init__(self, visual: nn.Module, windows: bool):
         super().__init__()
         self.visual = visual
-        self.grid_thw = grid_thw
+        self.windows = windows
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid_thw = torch.tensor([self.grid_thw], dtype=torch.int64, device=pixel_values.device)
-        return self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw).pooler_output
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        window_index: torch.Tensor | None = None,
+        cu_window_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        precomputed = {"position_ids": position_ids, "cu_seqlens": cu_seqlens, "max_seqlen": 0}
+        if self.windows:
+            precomputed.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens, max_window_seqlen=0)
+        # Every grid-dependent value is given, so the grid itself is never read.
+        unused_grid = torch.zeros(1, 3, dtype=torch.int64, device=pixel_values.device)
+        return self.visual(pixel_values.to(self.visual.dtype), grid_thw=unused_grid, **precomputed).pooler_output
 
 
-def export_vision_graph(model: PreTrainedModel, path: Path, image_size: tuple[int, int], dtype: str) -> dict:
-    """Exports the vision tower of a Qwen2-VL / Qwen2.5-VL based `model` for one `image_size` (H, W) image.
+def grid_inputs(vision_config: Any, grid_thw: np.ndarray, windows: bool) -> dict[str, np.ndarray]:
+    """The host-computed inputs of the vision graph for `grid_thw` (num_images, 3)."""
+    merge = vision_config.spatial_merge_size
+    inputs = {
+        "position_ids": vision_position_ids(grid_thw, merge),
+        "cu_seqlens": vision_cu_seqlens(grid_thw),
+    }
+    if windows:
+        window_index, cu_window_seqlens = vision_window_index(
+            grid_thw, merge, vision_config.window_size, vision_config.patch_size
+        )
+        inputs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens)
+    return inputs
 
-    The graph reads `pixel_values` (t·h·w, C·temporal·patch·patch) float32, as the Qwen processor returns them for
-    one image of exactly `image_size`, and returns `image_embeds` (num_image_tokens, hidden) in `dtype`. Returns
-    the manifest entry: file, external_data, inputs, outputs, image_size, image_grid_thw, num_image_tokens,
-    patch_dim, hidden_size, dtype.
+
+def export_vision_graph(
+    model: PreTrainedModel, path: Path, image_size: tuple[int, int], dtype: str, max_pixels: int | None = None
+) -> dict:
+    """Exports the vision tower of a Qwen2-VL / Qwen2.5-VL based `model` for images of any size.
+
+    The graph reads one image's `pixel_values` (t·h·w, C·temporal·patch·patch) float32, as the Qwen processor
+    returns them, and its grid inputs (`GridInputsVision`), and returns `image_embeds` (num_image_tokens, hidden)
+    in `dtype`. It is traced on one `image_size` (H, W) example; every other size runs the same graph.
+    `max_pixels`: the largest image (H·W pixels) the host accepts, the processor's limit.
+
+    Returns the manifest entry: file, external_data, inputs, outputs, layout "grid", windows, patch_dim,
+    hidden_size, spatial_merge_size, window_size, patch_size, max_pixels, dtype.
     """
+    from .export import export_graph
+
     path = Path(path)
     visual = vision_tower(model)
     config = visual.config
-    grid_thw = image_grid(config, image_size)
-    num_patches = grid_thw[0] * grid_thw[1] * grid_thw[2]
+    windows = isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel)
+    grid_thw = np.array([image_grid(config, image_size)])
     patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
     tower = module_in_dtype(visual, torch_dtype(dtype))
-    graph = FixedGridVision(tower, grid_thw)
-    example = torch.randn(num_patches, patch_dim, generator=torch.Generator().manual_seed(0))
-    with patch_embedding_as_matmul(tower):
-        with torch.no_grad():
-            embeddings = graph(example)
-        external_data = trace_to_onnx(graph, (example,), path, [VISION_INPUT], [VISION_OUTPUT])
+    graph = GridInputsVision(tower, windows)
+    num_patches = int(grid_thw.prod())
+    example = [torch.randn(num_patches, patch_dim, generator=torch.Generator().manual_seed(0))]
+    example += [torch.from_numpy(value) for value in grid_inputs(config, grid_thw, windows).values()]
+    names = [VISION_INPUT, *GRID_INPUTS[: len(example) - 1]]
+    tokens = torch.export.Dim("image_tokens")
+    patches = config.spatial_merge_size**2 * tokens
+    dynamic_shapes = [{0: patches}, {0: patches}, {0: torch.export.Dim("segments_plus_one")}]
+    if windows:
+        dynamic_shapes += [{0: tokens}, {0: torch.export.Dim("windows_plus_one")}]
+    training_modes = {submodule: submodule.training for submodule in tower.modules()}
+    tower.eval()
+    try:
+        with exportable_tower(tower):
+            entry = export_graph(graph, tuple(example), tuple(dynamic_shapes), names, [VISION_OUTPUT], path)
+    finally:
+        for submodule, training in training_modes.items():
+            submodule.training = training
     return {
-        "file": path.name,
-        "external_data": external_data,
-        "inputs": [VISION_INPUT],
-        "outputs": [VISION_OUTPUT],
-        "image_size": [int(image_size[0]), int(image_size[1])],
-        "image_grid_thw": grid_thw,
-        "num_image_tokens": int(embeddings.shape[0]),
+        **entry,
+        "layout": "grid",
+        "windows": windows,
         "patch_dim": patch_dim,
-        "hidden_size": int(embeddings.shape[1]),
+        "hidden_size": int(model.config.get_text_config().hidden_size),
+        "spatial_merge_size": int(config.spatial_merge_size),
+        "window_size": int(config.window_size) if windows else None,
+        "patch_size": int(config.patch_size),
+        "max_pixels": None if max_pixels is None else int(max_pixels),
         "dtype": dtype,
     }

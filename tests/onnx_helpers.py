@@ -18,7 +18,7 @@ from vlmheads.onnx_export import export_onnx
 # The tiny processors turn each (small) image into 56 x 56 pixels: 4 image tokens.
 TINY_IMAGE_SIZE = (56, 56)
 # Plain backbones by their registry names, Orion models by their backbone.
-PLAIN = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+PLAIN = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "smolvlm": "smolvlm"}
 ORION = {"orion_qwen2_vl": "qwen2_vl", "orion_qwen2_5_vl": "qwen2_5_vl"}
 QUESTIONS = ["Plan a careful route through the junction ahead.", "Go."]
 

@@ -161,7 +161,7 @@ def test_export_rejects_unknown_dtype_and_model(tmp_path):
     model, processor = tiny_model_and_processor("qwen2_vl")
     with pytest.raises(ValueError, match="dtype must be one of"):
         export.export_onnx(model, processor, tmp_path, dtype="bfloat16")
-    with pytest.raises(ValueError, match="export_onnx takes Qwen2-VL"):
+    with pytest.raises(ValueError, match="export_onnx takes a transformers PreTrainedModel .* got Linear"):
         export.export_onnx(torch.nn.Linear(2, 2), processor, tmp_path)
 
 
@@ -179,3 +179,24 @@ def test_flow_planner_trajectory_graph_takes_the_noise(tmp_path):
     modes = session.run(None, {"ego_features": ego.numpy(), "noise": noise.numpy()})[0]
     assert modes.shape == (3, 3, model.config.num_waypoints, model.config.waypoint_dim)
     np.testing.assert_allclose(modes, expected.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_decode_writes_the_preallocated_cache_buffers_in_place():
+    vlm = OnnxVLM(tiny_export("qwen2_vl"))
+    batch = to_numpy(prompt_batch("qwen2_vl"))
+    prompt_length = batch["input_ids"].shape[1]
+    state = vlm.prefill(**batch, max_new_tokens=2)
+    cache = state.cache
+    assert cache.capacity == prompt_length + 2
+    addresses = [buffer.data_ptr() for buffer in cache.buffers]
+    state = vlm.decode(state, state.logits.argmax(-1))
+    assert state.cache is cache and [buffer.data_ptr() for buffer in cache.buffers] == addresses
+    # The decoder's present outputs are the bound buffers themselves, not copies.
+    presents = cache.binding.get_outputs()[cache.num_host_outputs :]
+    assert [present.data_ptr() for present in presents] == addresses
+    keys = cache.buffers[0].numpy()
+    assert np.abs(keys[:, :, prompt_length]).max() > 0 and not keys[:, :, prompt_length + 1 :].any()
+    state = vlm.decode(state, state.logits.argmax(-1))
+    with pytest.raises(ValueError, match=f"cache is full: prefill reserved {prompt_length + 2} positions"):
+        vlm.decode(state, state.logits.argmax(-1))
