@@ -17,6 +17,7 @@ from .configuration.configuration_receipt_vl import ReceiptVLConfig
 from .configuration.configuration_vla import VLAConfig
 from .configuration.configuration_vlm_classification import VLMClassificationConfig
 from .configuration.configuration_vlm_trajectory import VLMTrajectoryConfig
+from .modeling.capabilities import backbone_family_of, head_kind_of
 from .modeling.modeling_classifier import VLMClassifierOutput
 from .modeling.modeling_orion_qwen import OrionQwen2_5ForTrajectory, OrionQwenForTrajectory, OrionTrajectoryOutput
 from .modeling.modeling_receipt_vl import ReceiptVLClassifier, ReceiptVLClassifierOutput
@@ -83,9 +84,11 @@ __all__ = [
     "VLMTrajectoryConfig",
     "VLMTrajectoryOutput",
     "add_lora",
+    "backbone_family_of",
     "create_vlm",
     "encode_images",
     "freeze",
+    "head_kind_of",
     "hidden_size",
     "image_features",
     "list_vlms",
