@@ -519,6 +519,8 @@ class Server:
     async def chat(self, request: Request) -> Response:
         body: ChatCompletionRequest = parse_body(await read_body(request, self.limits), ChatCompletionRequest)
         self.check_model(body.model)
+        if self.engine.generation_refusal is not None:
+            raise APIError(400, self.engine.generation_refusal, param="model", code="model_generates_no_text")
         inputs = await run_in_threadpool(self.chat_inputs, body)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         max_context = self.engine.max_context

@@ -82,9 +82,12 @@ class GenerationEngine(abc.ABC):
     #: Token ids that end a completion (the model's generation-config eos ids); the server passes them as
     #: `stop_token_ids`, and falls back to the tokenizer's eos id when this is empty.
     eos_token_ids: tuple[int, ...] = ()
-    #: The model's `PretrainedConfig` when the engine has it: the server reads the model's tasks from it (a driving
-    #: model's `ego_token_id` enables POST /v1/trajectory, a classifier's `id2label` POST /classify).
+    #: The model's `PretrainedConfig` when the engine has it: the server reads the head the model declares from it
+    #: (`head_kind_of`), which picks the route that answers (POST /classify, /v1/trajectory or /v1/actions).
     config: Any = None
+    #: Why the engine generates no text with its model (a head without a language-model head, caches it cannot
+    #: batch), or None: the server then refuses chat completions with this message before reading the prompt.
+    generation_refusal: str | None = None
     #: Whether the engine reports log-probabilities (`GenerationRequest.logprobs`); the server refuses them if not.
     supports_logprobs: bool = False
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from remote_code_checks import run_without_vlmheads
 from transformers import ImageClassificationPipeline, pipeline
-from vla_helpers import make_model, processor_of
+from vla_helpers import ACTION_SETTINGS, STATE, make_model, processor_of
 from vlm_helpers import (
     DRIVING_SIZES,
+    driving_features,
     driving_processor,
     family_batch,
     tiny_backbone,
@@ -28,25 +29,6 @@ from vlmheads.processing.pipeline_inputs import user_prompt
 # Representative families: a CLIP-style projector (LLaVA), M-RoPE with image grids (Qwen2-VL), image tiles (SmolVLM).
 FAMILIES = ("llava", "qwen2-vl", "smolvlm")
 LABELS = {0: "cat", 1: "dog", 2: "car"}
-STATE = [0.1, -0.2, 0.3, 0.4]
-ACTION_SETTINGS = {
-    "action_dim": 3,
-    "chunk_size": 2,
-    "state_dim": 4,
-    "action_mean": [1.0, -2.0, 0.5],
-    "action_std": [0.5, 2.0, 1.0],
-    "state_mean": [0.0] * 4,
-    "state_std": [1.0] * 4,
-}
-
-
-def driving_features(seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "scene_queries": torch.randn(3, DRIVING_SIZES["scene_query_dim"], generator=generator),
-        "history_queries": torch.randn(2, DRIVING_SIZES["history_query_dim"], generator=generator),
-        "can_bus": torch.randn(DRIVING_SIZES["can_bus_dim"], generator=generator),
-    }
 
 
 def build(kind: str, name: str):

@@ -25,6 +25,17 @@ VLA_FAMILIES = sorted(
 ACTION_HEADS = ("regression", "tokens", "flow")
 # The fastest tiny family on the CPU: 32-pixel images, 16 image tokens, a short prompt.
 FAST_FAMILY = "paligemma"
+# A regression VLA's settings with statistics that are not the identity, and a state of that width.
+ACTION_SETTINGS = {
+    "action_dim": 3,
+    "chunk_size": 2,
+    "state_dim": 4,
+    "action_mean": [1.0, -2.0, 0.5],
+    "action_std": [0.5, 2.0, 1.0],
+    "state_mean": [0.0] * 4,
+    "state_std": [1.0] * 4,
+}
+STATE = [0.1, -0.2, 0.3, 0.4]
 
 
 @functools.cache

@@ -32,6 +32,16 @@ NUM_HISTORY_QUERIES = 2
 DRIVING_SIZES = {"scene_query_dim": 8, "history_query_dim": 6, "can_bus_dim": 5, "num_waypoints": 3}
 
 
+def driving_features(seed: int) -> dict[str, torch.Tensor]:
+    """One driving sample's tensors for the tiny trajectory heads: scene (3, 8), history (2, 6), CAN bus (5,)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "scene_queries": torch.randn(NUM_SCENE_QUERIES, DRIVING_SIZES["scene_query_dim"], generator=generator),
+        "history_queries": torch.randn(NUM_HISTORY_QUERIES, DRIVING_SIZES["history_query_dim"], generator=generator),
+        "can_bus": torch.randn(DRIVING_SIZES["can_bus_dim"], generator=generator),
+    }
+
+
 def _randomised(model: torch.nn.Module) -> torch.nn.Module:
     # Some families initialise a weight to zero (Gemma 3's image projection), which would make every image the same.
     generator = torch.Generator().manual_seed(0)
