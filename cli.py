@@ -18,6 +18,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "export-onnx": ("vlmheads.examples.export_onnx", "main", "export a model to ONNX graphs"),
     "train-orion": ("vlmheads.examples.train_orion", "main", "fine-tune Orion with the Trainer"),
     "train-vla": ("vlmheads.examples.train_vla", "main", "fine-tune a VLA action head with the Trainer"),
+    "train-classifier": (
+        "vlmheads.examples.train_classifier",
+        "main",
+        "fine-tune an image classifier on any VLM family with the Trainer (your photos: one folder per class)",
+    ),
+    "train-receipts": ("vlmheads.examples.train_receipts", "main", "fine-tune the Mllama receipt classifier"),
     "manipulate": (
         "vlmheads.closed_loop.manipulation",
         "main",

@@ -8,6 +8,7 @@ lines of text of random length and a total line. Receipts are placed to overlap 
 visible.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..configuration.configuration_receipt_vl import RECEIPT_COUNT_LABELS
 from ..processing.image_inputs import open_image
+from .sources import load_hub_dataset, local_or_hub
 
 RECEIPT_CLASSES = tuple(RECEIPT_COUNT_LABELS.values())
 MAX_RECEIPTS = 3
@@ -178,28 +180,59 @@ def check_receipt_dataset(dataset: datasets.Dataset, num_proc: int | None = None
     )
 
 
-def load_receipt_folder(
-    data_dir: str | Path, class_names: tuple[str, ...] | list[str] = RECEIPT_CLASSES, num_proc: int | None = None
+def load_image_folder(
+    source: str | Path,
+    labels: Sequence[str] | None = None,
+    num_proc: int | None = None,
+    what: str = "--data_dir",
 ) -> datasets.Dataset:
-    """Users' own photos, sorted into one folder per class (`data_dir/0/…`, `data_dir/1/…`, `data_dir/2 or more/…`),
-    loaded with `datasets.load_dataset("imagefolder", …)` and checked with `check_receipt_dataset`.
+    """Labelled photos for any image classifier, checked with `check_receipt_dataset`: a local folder with one
+    folder per class (`source/<label>/…`, read with `datasets.load_dataset("imagefolder", …)`), or a Hub data set id
+    with `image` and `label` (ClassLabel) columns.
 
-    The folder names must be exactly `class_names`, the model's labels; the `label` column then holds their ids.
+    `labels` are the model's class names in id order; without them the class folder names are the labels, sorted
+    (the Hub set's own names). With them, the folder names (or the Hub set's names) must be exactly `labels`, and
+    the `label` column then holds their ids. `what` names the argument in errors.
     """
-    data_dir = Path(data_dir)
-    found = sorted(path.name for path in data_dir.iterdir() if path.is_dir()) if data_dir.is_dir() else []
-    if sorted(class_names) != found:
+    where = local_or_hub(source, what)
+    if isinstance(where, str):
+        dataset = load_hub_dataset(where, what)
+        label_feature = dataset.features.get("label")
+        if "image" not in dataset.column_names or not isinstance(label_feature, datasets.ClassLabel):
+            raise ValueError(
+                f"{what} {where}: a Hub image-classification set needs an `image` column and a `label` ClassLabel "
+                f"column, found {dataset.features}."
+            )
+        found = sorted(label_feature.names)
+    else:
+        if not where.is_dir():
+            raise ValueError(f"{what} {where} is a file: give the folder that holds one folder per class.")
+        found = sorted(path.name for path in where.iterdir() if path.is_dir())
+        if not found:
+            raise ValueError(f"{what} {where} holds no class folders: put each class's photos in {where}/<label>/.")
+        dataset = None
+    labels = list(labels) if labels else found
+    if sorted(labels) != found or len(set(labels)) != len(labels):
         raise ValueError(
-            f"{data_dir} must hold one folder per class {sorted(class_names)}, found {found}: the folder names are "
+            f"{what} {source} must hold one folder per class {sorted(labels)}, found {found}: the folder names are "
             "the labels."
         )
-    dataset = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train", num_proc=num_proc)
-    # imagefolder numbers the classes in sorted order; give them the ids of `class_names`.
-    dataset = dataset.align_labels_with_mapping({name: index for index, name in enumerate(class_names)}, "label")
-    if dataset.features["label"].names != list(class_names):  # the alignment lowercases the names
-        dataset = dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    if dataset is None:
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(where), split="train", num_proc=num_proc)
+    # imagefolder numbers the classes in sorted order; give them the ids of `labels`.
+    dataset = dataset.align_labels_with_mapping({name: index for index, name in enumerate(labels)}, "label")
+    if dataset.features["label"].names != labels:  # the alignment lowercases the names
+        dataset = dataset.cast_column("label", datasets.ClassLabel(names=labels))
     check_receipt_dataset(dataset, num_proc=num_proc)
     return dataset
+
+
+def load_receipt_folder(
+    data_dir: str | Path, class_names: Sequence[str] = RECEIPT_CLASSES, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Users' own receipt photos, sorted into one folder per class (`data_dir/0/…`, `data_dir/1/…`,
+    `data_dir/2 or more/…`): `load_image_folder` with the model's labels `class_names`."""
+    return load_image_folder(data_dir, class_names, num_proc)
 
 
 def majority_rate(labels: list[int] | np.ndarray) -> float:
@@ -220,6 +253,7 @@ __all__ = [
     "MAX_RECEIPTS",
     "RECEIPT_CLASSES",
     "check_receipt_dataset",
+    "load_image_folder",
     "load_receipt_folder",
     "majority_rate",
     "random_split",

@@ -22,13 +22,10 @@ confusion matrix is saved as a PNG and put in the model card with the metrics.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     BitsAndBytesConfig,
-    EvalPrediction,
     HfArgumentParser,
     IntervalStrategy,
     MllamaProcessor,
@@ -38,19 +35,22 @@ from transformers import (
 from vlmheads import ReceiptVLClassifier, ReceiptVLProcessor
 from vlmheads.data.receipts import (
     RECEIPT_CLASSES,
-    load_receipt_folder,
+    load_image_folder,
     majority_rate,
     random_split,
     synthetic_receipts,
 )
-from vlmheads.metrics import load_metric
 from vlmheads.offline import tiny_mllama_model, tiny_receipt_processor
 from vlmheads.training.cards import ModelCardTrainer
+from vlmheads.training.classification import (
+    ClassificationMetrics,
+    confusion_matrix,
+    majority_class_row,
+    print_confusion_matrix,
+    save_confusion_matrix,
+)
 from vlmheads.training.runs import ScriptTrainingArguments
 from vlmheads.training.tracking import log_report, prepare_tracking
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
 
 
 @dataclass
@@ -60,7 +60,15 @@ class ReceiptArguments:
         metadata={"help": "A Mllama checkpoint (Hub id or folder). Unset: a tiny random Mllama built offline."},
     )
     data_dir: str | None = field(
-        default=None, metadata={"help": "Your photos, one folder per class. Unset: the synthetic receipt set."}
+        default=None,
+        metadata={
+            "help": "Your photos, one folder per class (the folder names are the labels), or a Hub data set id with "
+            "image and label columns. Unset: the synthetic receipt set."
+        },
+    )
+    labels: list[str] | None = field(
+        default=None,
+        metadata={"help": "The class names in id order (default: the class folders, sorted). Must match the folders."},
     )
     num_synthetic: int = field(default=300, metadata={"help": "Size of the synthetic set (a multiple of 3)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the synthetic photos and of the held-out split."})
@@ -113,12 +121,16 @@ class ReceiptCollator:
         )
 
 
-def load_data(args: ReceiptArguments, class_names: list[str]):
+def load_data(args: ReceiptArguments):
+    """Training and held-out photos (stratified split) and the class names in id order."""
     if args.data_dir is None:
+        if args.labels and list(args.labels) != list(RECEIPT_CLASSES):
+            raise ValueError(f"--labels {args.labels} need --data_dir: the synthetic classes are {RECEIPT_CLASSES}.")
         dataset = synthetic_receipts(args.num_synthetic, seed=args.dataset_seed)
     else:
-        dataset = load_receipt_folder(args.data_dir, class_names)
-    return random_split(dataset, args.eval_fraction, seed=args.dataset_seed)
+        dataset = load_image_folder(args.data_dir, args.labels)
+    train, held_out = random_split(dataset, args.eval_fraction, seed=args.dataset_seed)
+    return train, held_out, dataset.features["label"].names
 
 
 def build_model(args: ReceiptArguments, training_args: TrainingArguments, class_names: list[str]):
@@ -135,6 +147,9 @@ def build_model(args: ReceiptArguments, training_args: TrainingArguments, class_
         checkpoint, id2label=dict(enumerate(class_names)), **({"question": args.question} if args.question else {})
     )
 
+    # peft imports bitsandbytes, whose CPU backend warns on import: load it when LoRA or quantization is asked for.
+    if args.lora or args.load_in_4bit or args.load_in_8bit:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     quantization = None
     if args.load_in_4bit:
@@ -172,26 +187,6 @@ def build_model(args: ReceiptArguments, training_args: TrainingArguments, class_
     return model, processor
 
 
-def save_confusion_matrix(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(4, 3.5))
-    axes.imshow(confusion, cmap="Blues")
-    for (row, column), count in np.ndenumerate(confusion):
-        colour = "white" if count > confusion.max() / 2 else "black"
-        axes.text(column, row, str(count), ha="center", va="center", color=colour)
-    axes.set(
-        xticks=range(len(class_names)),
-        yticks=range(len(class_names)),
-        xticklabels=class_names,
-        yticklabels=class_names,
-        xlabel="predicted receipts",
-        ylabel="true receipts",
-        title="Held-out confusion matrix",
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def main() -> None:
     args, training_args = HfArgumentParser((ReceiptArguments, ReceiptTrainingArguments)).parse_args_into_dataclasses()
     if (args.load_in_4bit or args.load_in_8bit) and not args.lora:
@@ -202,19 +197,9 @@ def main() -> None:
             "through them breaks afterwards: keep --eval_strategy no (the script evaluates after training) or use "
             "a GPU."
         )
-    class_names = list(RECEIPT_CLASSES)
-    train_set, eval_set = load_data(args, class_names)
+    train_set, eval_set, class_names = load_data(args)
     model, processor = build_model(args, training_args, class_names)
-    accuracy, macro_f1 = load_metric("accuracy"), load_metric("macro_f1")
-
-    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-        predicted = np.argmax(prediction.predictions, axis=-1)
-        return {
-            **accuracy.compute(predictions=predicted, references=prediction.label_ids),
-            "macro_f1": macro_f1.compute(
-                predictions=predicted, references=prediction.label_ids, num_labels=len(class_names)
-            )["macro_f1"],
-        }
+    compute_metrics = ClassificationMetrics(len(class_names))
 
     prepare_tracking(training_args)
     trainer = ModelCardTrainer(
@@ -240,22 +225,12 @@ def main() -> None:
     predicted = np.argmax(prediction.predictions, axis=-1)
     references = prediction.label_ids
     majority = majority_rate(np.asarray(train_set["label"]))
-    majority_class = int(np.bincount(np.asarray(train_set["label"])).argmax())
     metrics = {
-        "fine-tuned": {
-            "accuracy": prediction.metrics["test_accuracy"],
-            "macro_f1": prediction.metrics["test_macro_f1"],
-        },
-        "majority class": {
-            "accuracy": float(np.mean(references == majority_class)),
-            "macro_f1": macro_f1.compute(
-                predictions=np.full_like(references, majority_class), references=references, num_labels=3
-            )["macro_f1"],
-        },
+        "fine-tuned": compute_metrics.compute(predicted, references),
+        "majority class": majority_class_row(compute_metrics, train_set["label"], references),
     }
     output_dir = Path(training_args.output_dir)
-    confusion = np.zeros((len(class_names), len(class_names)), dtype=int)
-    np.add.at(confusion, (references, predicted), 1)
+    confusion = confusion_matrix(references, predicted, len(class_names))
     save_confusion_matrix(confusion, class_names, output_dir / "confusion_matrix.png")
 
     quantized = args.load_in_4bit or args.load_in_8bit
@@ -278,10 +253,7 @@ def main() -> None:
     trainer.save_metrics("eval", metrics)
     log_report(trainer, metrics, [output_dir / "confusion_matrix.png"])
 
-    print("Held-out confusion matrix (rows: true, columns: predicted):")
-    print("               " + "".join(f"{name:>11}" for name in class_names))
-    for name, row in zip(class_names, confusion, strict=True):
-        print(f"    {name:>10} " + "".join(f"{count:>11}" for count in row))
+    print_confusion_matrix(confusion, class_names)
     print(
         f"held-out accuracy: {metrics['fine-tuned']['accuracy']:.3f} (majority class of the training set: "
         f"{majority:.3f}), macro-F1: {metrics['fine-tuned']['macro_f1']:.3f}"

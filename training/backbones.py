@@ -5,11 +5,14 @@ receipt), and on the heads that hold one as `backbone`; the family table says wh
 """
 
 import re
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from ..modeling.families import VLMFamily, family_of, get_module
+
+if TYPE_CHECKING:  # peft imports bitsandbytes, whose CPU backend warns on import: load it when LoRA is asked for.
+    from peft import LoraConfig, PeftModel
 
 
 def model_family(model: PreTrainedModel) -> tuple[VLMFamily, str]:
@@ -55,9 +58,11 @@ def lora_config(
     alpha: int = 16,
     dropout: float = 0.05,
     target_modules: tuple[str, ...] | None = None,
-) -> LoraConfig:
+) -> "LoraConfig":
     """A `LoraConfig` on the language model's attention (the family's targets, or the leaf names in
     `target_modules`), with the model's task heads fully trained and saved (`modules_to_save`)."""
+    from peft import LoraConfig
+
     family, prefix = model_family(model)
     names = "|".join(target_modules or family.lora_target_modules)
     return LoraConfig(
@@ -75,7 +80,9 @@ def add_lora(
     alpha: int = 16,
     dropout: float = 0.05,
     target_modules: tuple[str, ...] | None = None,
-) -> PeftModel:
+) -> "PeftModel":
     """LoRA adapters on the language model only (vision towers use the same projection names), with the task
     heads kept fully trainable: `lora_config` applied with peft's `get_peft_model`."""
+    from peft import get_peft_model
+
     return get_peft_model(model, lora_config(model, r, alpha, dropout, target_modules))
