@@ -17,6 +17,7 @@ from .configuration.configuration_receipt_vl import ReceiptVLConfig
 from .configuration.configuration_vla import VLAConfig
 from .configuration.configuration_vlm_classification import VLMClassificationConfig
 from .configuration.configuration_vlm_trajectory import VLMTrajectoryConfig
+from .configuration.constants import TASK_ACTION_PREDICTION, TASK_TRAJECTORY_PREDICTION
 from .modeling.capabilities import backbone_family_of, head_kind_of
 from .modeling.modeling_classifier import VLMClassifierOutput
 from .modeling.modeling_orion_qwen import OrionQwen2_5ForTrajectory, OrionQwenForTrajectory, OrionTrajectoryOutput
@@ -63,10 +64,10 @@ AutoModelForImageClassification.register(VLMClassificationConfig, VLMForImageCla
 AutoConfig.register(VLAConfig.model_type, VLAConfig, exist_ok=True)
 AutoModel.register(VLAConfig, VLAForActionPrediction, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(
-    "trajectory-prediction", pipeline_class=OrionTrajectoryPipeline, pt_model=AutoModel, type="multimodal"
+    TASK_TRAJECTORY_PREDICTION, pipeline_class=OrionTrajectoryPipeline, pt_model=AutoModel, type="multimodal"
 )
 PIPELINE_REGISTRY.register_pipeline(
-    "action-prediction", pipeline_class=ActionPredictionPipeline, pt_model=AutoModel, type="multimodal"
+    TASK_ACTION_PREDICTION, pipeline_class=ActionPredictionPipeline, pt_model=AutoModel, type="multimodal"
 )
 
 ModelCardMixin.model_card_dir = Path(str(files("vlmheads.model_cards")))

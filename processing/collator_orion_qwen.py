@@ -8,13 +8,15 @@ import numpy as np
 import torch
 from transformers import ProcessorMixin
 
+from ..configuration.constants import EGO_TOKEN
+
 REQUIRED_FIELDS = ("id", "scene_queries", "history_queries", "can_bus", "prompt", "ego_waypoints")
 FEATURE_RANKS = {"scene_queries": 2, "history_queries": 2, "can_bus": 1, "ego_waypoints": 2}
 IGNORE_INDEX = -100
 
 
 def check_driving_record(
-    record: Mapping[str, Any], num_waypoints: int = 6, waypoint_dim: int = 2, ego_token: str = "<ego_wp>"
+    record: Mapping[str, Any], num_waypoints: int = 6, waypoint_dim: int = 2, ego_token: str = EGO_TOKEN
 ) -> None:
     """Raises a `ValueError` saying what is wrong with one record: a missing field, a wrong shape, NaN or inf."""
     missing = [name for name in REQUIRED_FIELDS if record.get(name) is None]
