@@ -21,12 +21,18 @@ def _config_of(model_or_config) -> PretrainedConfig:
     return config
 
 
-def backbone_family_of(model_or_config) -> VLMFamily:
-    """The family-table entry of the VLM a model (or configuration) runs on: a head's `backbone_config`, or the
-    configuration itself for the named models (Orion is Qwen2-VL, the receipt classifier Mllama)."""
+def backbone_config_of(model_or_config) -> PretrainedConfig:
+    """The configuration of the VLM a model (or configuration) runs on: a head's `backbone_config`, or the
+    configuration itself for the named models, which subclass their backbone's."""
     config = _config_of(model_or_config)
     backbone_config = getattr(config, "backbone_config", None)
-    return family_of(config if backbone_config is None else backbone_config)
+    return config if backbone_config is None else backbone_config
+
+
+def backbone_family_of(model_or_config) -> VLMFamily:
+    """The family-table entry of the VLM a model (or configuration) runs on (`backbone_config_of`): Orion is
+    Qwen2-VL, the receipt classifier Mllama."""
+    return family_of(backbone_config_of(model_or_config))
 
 
 def head_kind_of(model_or_config) -> str:

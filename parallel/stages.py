@@ -35,7 +35,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from ..configuration.constants import HEAD_ACTIONS, HEAD_CLASSIFICATION, HEAD_GENERATION, HEAD_TRAJECTORY
-from ..modeling.capabilities import backbone_family_of, head_kind_of
+from ..modeling.capabilities import backbone_config_of, backbone_family_of, head_kind_of
 from ..modeling.families import DECODER_ONLY, POSITIONS_MROPE, VLM_FAMILIES, VLMFamily, get_module
 from ..modeling.heads import last_token_state
 from ..modeling.modeling_vlm_heads import image_features, image_token_id
@@ -124,8 +124,7 @@ def check_supported(model_or_config: PreTrainedModel | PretrainedConfig) -> VLMF
 
 def text_config_of(model_or_config: PreTrainedModel | PretrainedConfig) -> PretrainedConfig:
     """The decoder's configuration: the backbone's text config (a head holds its backbone's as `backbone_config`)."""
-    config = model_or_config if isinstance(model_or_config, PretrainedConfig) else model_or_config.config
-    return (getattr(config, "backbone_config", None) or config).get_text_config()
+    return backbone_config_of(model_or_config).get_text_config()
 
 
 def load_config(model_dir: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -44,12 +44,6 @@ class ServingError(ValueError):
         self.param = param
 
 
-def backbone_config_of(config: PretrainedConfig) -> PretrainedConfig:
-    """The configuration of the VLM a model runs on: a head's `backbone_config` field, else the configuration
-    itself (the named models subclass their backbone's)."""
-    return getattr(config, "backbone_config", None) or config
-
-
 def generation_refusal(model: PreTrainedModel) -> str | None:
     """Why `LocalEngine` generates no text with `model`, or None when it does: the model must generate text
     (a family that `generates_text`, a class that `can_generate()`) on a decoder-only family, whose self-attention

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..modeling.capabilities import backbone_family_of
+from ..modeling.capabilities import backbone_config_of, backbone_family_of
 from ..modeling.positions import decode_positions, prompt_positions
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
-from .heads import backbone_config_of, forward_options, generation_refusal
+from .heads import forward_options, generation_refusal
 from .sampling import RequestSampler, SamplingError, sample_rows_isolated, token_logprobs
 
 logger = logging.getLogger(__name__)
