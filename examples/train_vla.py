@@ -6,11 +6,13 @@ its code and reloads it with `AutoModel.from_pretrained(..., trust_remote_code=T
 
     python examples/train_vla.py --family smolvlm --action_head flow
 
-On a real checkpoint and a LeRobot-format episode table (parquet with `observation.images.*`,
-`observation.state`, `action`, `task`):
+On a real checkpoint and a LeRobot data set (a v2.1 or v3.0 folder as LeRobot lays it out, videos included, or
+its Hub id; or parquet episode tables with `observation.images.*`, `observation.state`, `action`, `task`); the
+last 20 % of the episodes are held out unless `--eval_files` is given. Schema: `vlmheads.data.manipulation`.
 
     python examples/train_vla.py --family smolvlm --base_model HuggingFaceTB/SmolVLM-256M-Instruct \
-        --action_head tokens --train_files train.parquet --eval_files val.parquet --chunk_size 4 \
+        --action_head tokens --train_files lerobot/svla_so100_pickplace --image_keys observation.images.top \
+        --chunk_size 4 \
         --lora --freeze_vision --bf16 --output_dir outputs/vla-smolvlm
 """
 
@@ -23,7 +25,12 @@ import numpy as np
 from PIL import Image
 from transformers import AutoModel, HfArgumentParser, set_seed
 
-from vlmheads.data.manipulation import BACKGROUND, load_lerobot_episodes, synthetic_manipulation_dataset
+from vlmheads.data.manipulation import (
+    BACKGROUND,
+    load_lerobot_dataset,
+    load_lerobot_episodes,
+    synthetic_manipulation_dataset,
+)
 from vlmheads.modeling.modeling_vla import VLAForActionPrediction
 from vlmheads.processing.collator_vla import VLADataCollator
 from vlmheads.registry.vlms import create_vlm, load_processor, resolve_vlm
@@ -59,8 +66,23 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_files: list[str] | None = field(default=None, metadata={"help": "LeRobot-format parquet episode tables."})
-    eval_files: list[str] | None = field(default=None, metadata={"help": "LeRobot-format parquet episode tables."})
+    train_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A LeRobot data set (v2.1 or v3.0 folder with meta/, or a Hub data set id), or LeRobot parquet "
+            "episode tables."
+        },
+    )
+    eval_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "The same for evaluation; default: the last --eval_fraction of the training episodes."},
+    )
+    eval_fraction: float = field(default=0.2, metadata={"help": "Share of the episodes held out without eval_files."})
+    image_keys: list[str] | None = field(
+        default=None, metadata={"help": "Camera features, in order (default: every image or video feature, sorted)."}
+    )
+    state_key: str = field(default="observation.state", metadata={"help": "The proprioceptive state feature."})
+    action_key: str = field(default="action", metadata={"help": "The action feature."})
     num_train_samples: int = field(default=1024, metadata={"help": "Synthetic training samples (no files)."})
     num_eval_samples: int = field(default=128, metadata={"help": "Synthetic evaluation samples (no files)."})
     image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
@@ -85,11 +107,36 @@ class VLATrainingArguments(ScriptTrainingArguments):
     label_names: list[str] | None = field(default_factory=lambda: ["actions"])
 
 
+def load_records(files: list[str], args: DataArguments, chunk_size: int, what: str) -> datasets.Dataset:
+    """LeRobot parquet tables, or one LeRobot data set folder / Hub id, as manipulation records."""
+    keys = {"image_keys": args.image_keys, "state_key": args.state_key, "action_key": args.action_key}
+    if all(file.endswith(".parquet") for file in files):
+        return load_lerobot_episodes(files, chunk_size, **keys)
+    if len(files) != 1:
+        raise ValueError(f"{what} takes parquet files or one LeRobot data set (folder or Hub id), got {files}.")
+    return load_lerobot_dataset(files[0], chunk_size, what=what, **keys)
+
+
+def hold_out_episodes(records: datasets.Dataset, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The last `fraction` of the episodes (at least one) held out, whole: no frame of them is trained on."""
+    episodes = [record_id.rsplit("-frame-", 1)[0] for record_id in records["id"]]
+    order = list(dict.fromkeys(episodes))
+    if len(order) < 2 or not 0 < fraction < 1:
+        raise ValueError(
+            f"Holding out episodes needs 2 or more episodes and 0 < --eval_fraction < 1; got {len(order)}."
+        )
+    held = set(order[-max(1, round(fraction * len(order))) :])
+    train = [index for index, episode in enumerate(episodes) if episode not in held]
+    evaluation = [index for index, episode in enumerate(episodes) if episode in held]
+    return records.select(train), records.select(evaluation)
+
+
 def load_data(args: DataArguments, chunk_size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     if args.train_files:
+        train = load_records(args.train_files, args, chunk_size, "--train_files")
         if not args.eval_files:
-            raise ValueError("--train_files needs --eval_files to measure the trained model on.")
-        return load_lerobot_episodes(args.train_files, chunk_size), load_lerobot_episodes(args.eval_files, chunk_size)
+            return hold_out_episodes(train, args.eval_fraction)
+        return train, load_records(args.eval_files, args, chunk_size, "--eval_files")
     synthetic = {"image_size": args.image_size, "grid_size": args.grid_size, "chunk_size": chunk_size}
     synthetic["with_state"] = args.with_state
     return (

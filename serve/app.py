@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -77,6 +77,7 @@ from .openai_protocol import (
     new_id,
     now,
 )
+from .sampling import reduced_seed
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +395,23 @@ class EngineStream:
             self.engine.cancel(self.request_id)
 
 
+@dataclass
+class ChoiceState:
+    """One of a chat request's `n` choices as it is generated: its events, text, log-probability entries and
+    finish reason."""
+
+    index: int
+    stream: EngineStream
+    text: CompletionText
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def cancel_choices(choices: list[ChoiceState]) -> None:
+    for choice in choices:
+        choice.stream.cancel()
+
+
 class CancellingStreamingResponse(StreamingResponse):
     """A streaming response that runs `on_close` however it ends (done, or the client went away)."""
 
@@ -542,17 +560,6 @@ class Server:
                 code="context_length_exceeded",
             )
         completion_id = new_id("chatcmpl")
-        generation = GenerationRequest(
-            request_id=completion_id,
-            inputs=inputs,
-            max_new_tokens=limit if limit is not None else max_context - prompt_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop_token_ids=self.stop_token_ids,
-            logprobs=body.logprobs_count,
-        )
         if body.logprobs and not self.engine.supports_logprobs:
             raise APIError(
                 400,
@@ -560,32 +567,55 @@ class Server:
                 param="logprobs",
                 code="unsupported",
             )
-        stream = EngineStream(self.engine, generation)
-        self.streams.add(stream)
-        text = CompletionText(self.tokenizer, body.stop_strings)
+        choices = []
+        try:
+            for index in range(body.n):
+                generation = GenerationRequest(
+                    request_id=completion_id if body.n == 1 else f"{completion_id}-{index}",
+                    inputs=inputs,
+                    max_new_tokens=limit if limit is not None else max_context - prompt_tokens,
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    top_k=body.top_k,
+                    # Choice i draws with seed + i, so that n sampled choices differ and each is reproducible.
+                    seed=None if body.seed is None else reduced_seed(body.seed + index),
+                    stop_token_ids=self.stop_token_ids,
+                    logprobs=body.logprobs_count,
+                )
+                stream = EngineStream(self.engine, generation)
+                self.streams.add(stream)
+                choices.append(ChoiceState(index, stream, CompletionText(self.tokenizer, body.stop_strings)))
+        except APIError:
+            cancel_choices(choices)
+            raise
         created = now()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = self.stream_chunks(request, stream, text, completion_id, created, prompt_tokens, include_usage)
+            chunks = self.stream_chunks(request, choices, completion_id, created, prompt_tokens, include_usage)
             return CancellingStreamingResponse(
-                chunks, stream.cancel, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                chunks,
+                functools.partial(cancel_choices, choices),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
             )
-        logprobs: list[TokenLogprob] | None = [] if body.logprobs else None
         try:
-            finish_reason = await self.collect(request, stream, text, logprobs)
+            await asyncio.gather(*(self.collect(request, choice) for choice in choices))
         finally:
-            stream.cancel()
-        completion_tokens = len(text.token_ids)
-        choice = ChatChoice(
-            message=AssistantMessage(content=text.text),
-            finish_reason=finish_reason,
-            logprobs=None if logprobs is None else ChoiceLogprobs(content=logprobs),
-        )
+            cancel_choices(choices)
+        completion_tokens = sum(len(choice.text.token_ids) for choice in choices)
         response = ChatCompletionResponse(
             id=completion_id,
             created=created,
             model=self.engine.model_id,
-            choices=[choice],
+            choices=[
+                ChatChoice(
+                    index=choice.index,
+                    message=AssistantMessage(content=choice.text.text),
+                    finish_reason=choice.finish_reason,
+                    logprobs=ChoiceLogprobs(content=choice.logprobs) if body.logprobs else None,
+                )
+                for choice in choices
+            ],
             usage=Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
@@ -604,65 +634,76 @@ class Server:
         top = [TopLogprob(**entry(token_id, logprob)) for token_id, logprob in event.top_logprobs]
         return TokenLogprob(**entry(event.token_id, event.logprob), top_logprobs=top)
 
-    async def collect(
-        self, request: Request, stream: EngineStream, text: CompletionText, logprobs: list[TokenLogprob] | None = None
-    ) -> str:
-        """Runs a request to its end, appending each token's log-probability entry to `logprobs` when given;
-        returns its finish reason."""
-        while True:
-            event = await stream.next_event(request)
-            text.push(event.token_id, final=event.finish_reason is not None)
-            if logprobs is not None and event.logprob is not None:
-                logprobs.append(self.token_logprob(event))
-            if event.finish_reason == "error":
-                raise stream.error(event)
-            if text.stopped:
-                return "stop"
-            if event.finish_reason is not None:
-                return event.finish_reason
+    def advance(self, choice: ChoiceState, event: TokenEvent) -> str:
+        """Takes one event of a choice: its text and log-probability entry grow, and its finish reason is set when
+        it ends (its stream is cancelled at a stop string). Returns the text now safe to send; raises the
+        request's error when the event ends it with one."""
+        delta = choice.text.push(event.token_id, final=event.finish_reason is not None)
+        if event.logprob is not None:
+            choice.logprobs.append(self.token_logprob(event))
+        if event.finish_reason == "error":
+            raise choice.stream.error(event)
+        if choice.text.stopped:
+            choice.stream.cancel()
+            choice.finish_reason = "stop"
+        elif event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason
+        return delta
+
+    async def collect(self, request: Request, choice: ChoiceState) -> None:
+        """Runs one choice to its end."""
+        while choice.finish_reason is None:
+            self.advance(choice, await choice.stream.next_event(request))
 
     async def stream_chunks(
         self,
         request: Request,
-        stream: EngineStream,
-        text: CompletionText,
+        choices: list[ChoiceState],
         completion_id: str,
         created: int,
         prompt_tokens: int,
         include_usage: bool,
     ) -> AsyncIterator[str]:
         def chunk(
-            delta: DeltaMessage, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None
+            index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None
         ) -> str:
-            choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
             body = ChatCompletionChunk(id=completion_id, created=created, model=self.engine.model_id, choices=[choice])
             data = dump(body, exclude={"usage"} if not include_usage else set())
             return sse(data)
 
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        finish_reason = None
-        while finish_reason is None:
-            event = await stream.next_event(request)
-            delta = text.push(event.token_id, final=event.finish_reason is not None)
-            if event.logprob is not None:
-                # Every token's entry goes out with the text it makes safe to send, or on its own chunk.
-                yield chunk(DeltaMessage(content=delta), logprobs=ChoiceLogprobs(content=[self.token_logprob(event)]))
-            elif delta:
-                yield chunk(DeltaMessage(content=delta))
-            if event.finish_reason == "error":
-                error = stream.error(event)
-                info = ErrorInfo(message=error.message, type=error.kind, code=error.code)
-                yield sse(ErrorResponse(error=info))
-                yield "data: [DONE]\n\n"
-                return
-            if text.stopped:
-                stream.cancel()
-                finish_reason = "stop"
-            elif event.finish_reason is not None:
-                finish_reason = event.finish_reason
-        yield chunk(DeltaMessage(), finish_reason)
+        for choice in choices:
+            yield chunk(choice.index, DeltaMessage(role="assistant", content=""))
+        waiting = {asyncio.ensure_future(choice.stream.next_event(request)): choice for choice in choices}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda task: waiting[task].index):
+                    choice = waiting.pop(task)
+                    entries = len(choice.logprobs)
+                    try:
+                        delta = self.advance(choice, task.result())
+                    except APIError as error:
+                        info = ErrorInfo(message=error.message, type=error.kind, code=error.code)
+                        yield sse(ErrorResponse(error=info))
+                        yield "data: [DONE]\n\n"
+                        return
+                    new_entries = choice.logprobs[entries:]
+                    if new_entries:
+                        # Every token's entry goes out with the text it makes safe to send, or on its own chunk.
+                        logprobs = ChoiceLogprobs(content=new_entries)
+                        yield chunk(choice.index, DeltaMessage(content=delta), logprobs=logprobs)
+                    elif delta:
+                        yield chunk(choice.index, DeltaMessage(content=delta))
+                    if choice.finish_reason is None:
+                        waiting[asyncio.ensure_future(choice.stream.next_event(request))] = choice
+                    else:
+                        yield chunk(choice.index, DeltaMessage(), choice.finish_reason)
+        finally:
+            for task in waiting:
+                task.cancel()
         if include_usage:
-            completion_tokens = len(text.token_ids)
+            completion_tokens = sum(len(choice.text.token_ids) for choice in choices)
             usage = Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
