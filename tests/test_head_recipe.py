@@ -8,7 +8,9 @@ from transformers import PreTrainedModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 import vlmheads
-from vlmheads.configuration.constants import HEAD_GENERATION, HEAD_KINDS, HEAD_TASKS
+from vlmheads.configuration import constants
+from vlmheads.configuration.configuration_vlm_heads import VLMHeadConfig
+from vlmheads.modeling.modeling_vlm_heads import VLMHeadPreTrainedModel
 from vlmheads.publishing import ModelCardMixin
 from vlmheads.serve.heads import HEAD_ROUTES
 
@@ -29,25 +31,48 @@ def test_every_exported_head_model_is_found():
     assert {"VLMForImageClassification", "VLMForTrajectory"} <= names
 
 
+def recipe_gaps(head: type) -> list[str]:
+    """What an exported head model lacks of the recipe, each with a pointer to it (empty: nothing)."""
+    kind = getattr(head, "head_kind", None)
+    if kind not in constants.HEAD_KINDS or kind == constants.HEAD_GENERATION:
+        return [f"{head.__name__}.head_kind={kind!r} is not a head kind of constants.HEAD_KINDS: {RECIPE} (step 2)"]
+    gaps = []
+    if getattr(head.config_class, "head_kind", None) != kind:
+        config_name = head.config_class.__name__
+        gaps.append(f"{config_name} must declare head_kind={kind!r} like {head.__name__}: {RECIPE} (step 1)")
+    task = constants.HEAD_TASKS.get(kind)
+    if task is None:
+        gaps.append(f"head kind {kind!r} has no pipeline task in constants.HEAD_TASKS: {RECIPE} (step 1)")
+    elif task not in PIPELINE_REGISTRY.get_supported_tasks():
+        gaps.append(f"no pipeline runs {task!r}: register one in _models.py, {RECIPE} (step 3)")
+    for task_name, reference in getattr(head, "pipelines", {}).items():
+        if task_name != task or not reference.rsplit(".", 2)[-2].startswith("pipeline_"):
+            gaps.append(f"{head.__name__}.pipelines = {{{task_name!r}: {reference!r}}}: {RECIPE} (step 2)")
+    template = getattr(head, "model_card_template", "")
+    if not (issubclass(head, ModelCardMixin) and template and (ModelCardMixin.model_card_dir / template).is_file()):
+        gaps.append(f"{head.__name__} has no model card template in model_cards/: {RECIPE} (step 4)")
+    if kind not in HEAD_ROUTES:
+        gaps.append(f"serve/heads.py HEAD_ROUTES has no route for head kind {kind!r}: {RECIPE}")
+    return gaps
+
+
 @pytest.mark.parametrize("head", HEADS, ids=lambda cls: cls.__name__)
 def test_a_head_has_its_kind_pipeline_card_and_route(head):
-    kind = head.head_kind
-    assert kind in HEAD_KINDS and kind != HEAD_GENERATION, f"{head.__name__}.head_kind={kind!r}: {RECIPE} (step 1)"
-    assert head.config_class.head_kind == kind, (
-        f"{head.config_class.__name__} must declare head_kind={kind!r} like {head.__name__}: {RECIPE} (step 1)"
-    )
-    task = HEAD_TASKS.get(kind)
-    assert task is not None, f"head kind {kind!r} has no pipeline task in constants.HEAD_TASKS: {RECIPE} (step 3)"
-    assert task in PIPELINE_REGISTRY.get_supported_tasks(), f"no pipeline runs {task!r}: {RECIPE} (step 3)"
-    for task_name, reference in head.pipelines.items():
-        assert task_name == task, f"{head.__name__}.pipelines names {task_name!r}, its kind's task is {task!r}"
-        assert reference.rsplit(".", 2)[-2].startswith("pipeline_"), f"{reference}: {RECIPE} (step 3)"
-    assert issubclass(head, ModelCardMixin) and head.model_card_template, (
-        f"{head.__name__}: no card, {RECIPE} (step 4)"
-    )
-    assert (ModelCardMixin.model_card_dir / head.model_card_template).is_file(), (
-        f"model_cards/{head.model_card_template} is missing: {RECIPE} (step 4)"
-    )
-    assert kind in HEAD_ROUTES, (
-        f"the server has no route for head kind {kind!r} (serve/heads.py HEAD_ROUTES): {RECIPE}"
-    )
+    assert recipe_gaps(head) == []
+
+
+def test_a_head_registered_without_its_parts_gets_pointers_to_the_recipe(monkeypatch):
+    monkeypatch.setattr(constants, "HEAD_KINDS", (*constants.HEAD_KINDS, "segmentation"))
+
+    class SegmentationConfig(VLMHeadConfig):
+        head_kind = "segmentation"
+
+    class VLMForSegmentation(VLMHeadPreTrainedModel):
+        config_class = SegmentationConfig
+        head_kind = "segmentation"
+
+    gaps = recipe_gaps(VLMForSegmentation)
+    assert any("HEAD_TASKS" in gap for gap in gaps)
+    assert any("model card template" in gap for gap in gaps)
+    assert any("HEAD_ROUTES" in gap for gap in gaps)
+    assert all(RECIPE in gap for gap in gaps)
