@@ -26,6 +26,7 @@ from vlmheads.serve import GenerationEngine, LocalEngine, TokenEvent
 from vlmheads.serve.__main__ import parse_args
 from vlmheads.serve.app import API_KEY_ENV, ServerLimits
 from vlmheads.serve.models import EMBEDDED_MODEL_ID
+from vlmheads.serve.openai_protocol import MAX_CHOICES
 
 LIMITS = ServerLimits(max_body_bytes=200_000, max_images=2, max_image_bytes=60_000, max_image_pixels=100_000)
 
@@ -148,6 +149,27 @@ def test_logprobs_are_the_models_log_softmax(client, stream):
         client.chat.completions.create(
             model=EMBEDDED_MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, top_logprobs=2
         )
+
+
+def test_n_choices_are_sampled_apart_and_reproducibly(client):
+    """n choices through the official client: choice i samples with seed + i (choice 0 is the n=1 answer), plain
+    and streamed alike, and usage counts every choice's tokens."""
+    settings = {"model": EMBEDDED_MODEL_ID, "max_tokens": 8, "temperature": 1.3, "seed": 5}
+    messages = [{"role": "user", "content": "Invent a road sign."}]
+    answer = client.chat.completions.create(messages=messages, n=3, **settings)
+    texts = [choice.message.content for choice in answer.choices]
+    assert [choice.index for choice in answer.choices] == [0, 1, 2]
+    assert len(set(texts)) == 3
+    assert answer.usage.completion_tokens == 24
+    assert client.chat.completions.create(messages=messages, **settings).choices[0].message.content == texts[0]
+    chunks = list(client.chat.completions.create(messages=messages, n=3, stream=True, **settings))
+    streamed = ["", "", ""]
+    finish = [None, None, None]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert streamed == texts and finish == ["length"] * 3
 
 
 def test_stream_without_usage_ends_with_done(base_url):
@@ -277,7 +299,7 @@ ERROR_CASES = {
         "max_completion_tokens",
         "invalid_value",
     ),
-    "n above one": ({"json": chat_body("Hi", n=2)}, 400, "n", "invalid_value"),
+    "n above the limit": ({"json": chat_body("Hi", n=MAX_CHOICES + 1)}, 400, "n", "invalid_value"),
     "empty stop string": ({"json": chat_body("Hi", stop=[""])}, 400, None, "invalid_value"),
     "oversized body": ({"json": chat_body("x" * 250_000)}, 413, None, "body_too_large"),
     "oversized chunked body": ({"content": iter([b"x" * 150_000] * 2)}, 413, None, "body_too_large"),

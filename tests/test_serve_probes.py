@@ -354,9 +354,9 @@ def test_the_drain_deadline_ends_open_streams_with_an_error_event():
     [DONE] at the deadline, and the server stops."""
     processor = tiny_parts()[1]
     body = {**chat_body("Go on."), "stream": True}
-    for engine, finishes in ((EndlessEngine(processor), False), (EndlessEngine(processor, finite=40), True)):
+    for engine, finishes in ((EndlessEngine(processor), False), (EndlessEngine(processor, finite=10), True)):
         started = threading.Event()
-        with running(engine, ServerTimeouts(shutdown=1.0)) as (base_url, server):
+        with running(engine, ServerTimeouts(shutdown=3.0)) as (base_url, server):
             with ThreadPoolExecutor(1) as pool:
                 future = pool.submit(read_stream, base_url, started, body)
                 assert started.wait(10)
@@ -369,7 +369,7 @@ def test_the_drain_deadline_ends_open_streams_with_an_error_event():
         if finishes:
             assert last["choices"][0]["finish_reason"] == "length"
         else:
-            assert last["error"]["code"] == "server_shutdown" and 0.9 < took < 5
+            assert last["error"]["code"] == "server_shutdown" and 2.9 < took < 10
 
 
 # ---- trust --------------------------------------------------------------------------------------------------------
