@@ -69,8 +69,16 @@ class ModelArguments:
             "tiny-qwen2_5_vl for a tiny random model built offline."
         },
     )
-    num_scene_queries: int = field(default=16, metadata={"help": "Scene query vectors per sample."})
-    num_history_queries: int = field(default=4, metadata={"help": "History query vectors per sample."})
+    num_scene_queries: int | None = field(
+        default=None,
+        metadata={"help": "Scene query vectors per sample (default: the records' count with --train_files, else 16)."},
+    )
+    num_history_queries: int | None = field(
+        default=None,
+        metadata={
+            "help": "History query vectors per sample (default: the records' count with --train_files, else 4)."
+        },
+    )
     num_modes: int = field(default=1, metadata={"help": "Trajectory modes, one per navigation command."})
     trajectory_head: str = field(
         default="mlp",
@@ -128,10 +136,12 @@ class OrionTrainingArguments(ScriptTrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=True)
 
 
-def build_model(args: ModelArguments, seed: int, **head) -> tuple[ProcessorMixin, PreTrainedModel]:
+def build_model(
+    args: ModelArguments, seed: int, widths: dict[str, int] | None = None, **head
+) -> tuple[ProcessorMixin, PreTrainedModel]:
     """The processor and the model; `head` sets trajectory-head fields of a new Orion configuration (an Orion
-    checkpoint keeps its own)."""
-    head = {"num_modes": args.num_modes, **head}
+    checkpoint keeps its own), `widths` its input widths (`scene_query_dim`, `history_query_dim`, `can_bus_dim`)."""
+    head = {"num_modes": args.num_modes, **(widths or {}), **head}
     if args.trajectory_hidden_dims:
         head["trajectory_hidden_dims"] = args.trajectory_hidden_dims
     queries = {"num_scene_queries": args.num_scene_queries, "num_history_queries": args.num_history_queries}
@@ -159,6 +169,36 @@ def build_model(args: ModelArguments, seed: int, **head) -> tuple[ProcessorMixin
     model.config.update(processor.model_config_kwargs())
     model.config.check_driving_settings()
     return processor, model
+
+
+def record_sizes(files: list[str]) -> dict[str, int]:
+    """Query counts and widths of the driving records in `files`, read from the first record: `num_scene_queries`,
+    `scene_query_dim`, `num_history_queries`, `history_query_dim`, `can_bus_dim`."""
+    first = load_driving_dataset(files).with_format("numpy")[0]
+    scene, history = np.asarray(first["scene_queries"]), np.asarray(first["history_queries"])
+    return {
+        "num_scene_queries": scene.shape[0],
+        "scene_query_dim": scene.shape[1],
+        "num_history_queries": history.shape[0],
+        "history_query_dim": history.shape[1],
+        "can_bus_dim": np.asarray(first["can_bus"]).shape[0],
+    }
+
+
+def settle_sizes(args: ModelArguments, data_args: DataArguments) -> dict[str, int]:
+    """Fills the query counts the arguments leave unset from the records (or the synthetic defaults, 16 and 4),
+    refuses counts that disagree with the records, and returns the records' input widths for the configuration."""
+    if not data_args.train_files:
+        args.num_scene_queries = args.num_scene_queries or 16
+        args.num_history_queries = args.num_history_queries or 4
+        return {}
+    sizes = record_sizes(data_args.train_files)
+    for name in ("num_scene_queries", "num_history_queries"):
+        given = getattr(args, name)
+        if given is not None and given != sizes[name]:
+            raise ValueError(f"--{name} {given}, but the records in --train_files hold {sizes[name]}.")
+        setattr(args, name, sizes[name])
+    return {name: sizes[name] for name in ("scene_query_dim", "history_query_dim", "can_bus_dim")}
 
 
 def model_queries(args: ModelArguments) -> dict[str, int]:
@@ -281,13 +321,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
 
+    widths = settle_sizes(model_args, data_args)
     train_dataset, eval_dataset = load_data(data_args, training_args.seed, model_queries(model_args))
     # The flow planner samples displacements normalised with the training set's statistics.
     statistics = displacement_statistics(np.stack(train_dataset["ego_waypoints"]))
     head = {"trajectory_head": model_args.trajectory_head}
     if model_args.trajectory_head == "flow":
         head.update(statistics)
-    processor, model = build_model(model_args, training_args.seed, **head)
+    processor, model = build_model(model_args, training_args.seed, widths, **head)
     model = prepare_for_training(model, model_args)
     config = model.config
     prepare_tracking(training_args)
@@ -313,7 +354,9 @@ def main() -> None:
         compare_flow = model_args.base_model.startswith("tiny-")
     flow_row = None
     if compare_flow and config.trajectory_head != "flow":
-        flow_row = train_flow_planner(model_args, data_args, training_args, train_dataset, eval_dataset, statistics)
+        flow_row = train_flow_planner(
+            model_args, data_args, training_args, train_dataset, eval_dataset, {**widths, **statistics}
+        )
 
     if model_args.lora:
         model = trainer.model.merge_and_unload()

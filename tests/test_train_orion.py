@@ -241,3 +241,30 @@ def test_a_plain_qwen_folder_is_fine_tuned_and_then_fine_tuned_again(tmp_path):
     )
     again = AutoModel.from_pretrained(tmp_path / "again")
     assert again.config.to_dict()["num_scene_queries"] == model.config.num_scene_queries
+
+
+@pytest.mark.slow
+def test_train_orion_reads_query_counts_and_widths_from_the_records(tmp_path):
+    """Collected records train with no size flags: `vlmheads train-orion --train_files DIR/*.parquet`."""
+    from vlmheads.data.driving import synthetic_driving_dataset
+
+    sizes = {"num_scene_queries": 6, "num_history_queries": 3, "query_dim": 32, "can_bus_dim": 16}
+    (tmp_path / "records").mkdir()
+    synthetic_driving_dataset(48, seed=0, **sizes).to_parquet(tmp_path / "records" / "train-0.parquet")
+    synthetic_driving_dataset(16, seed=1, **sizes).to_parquet(tmp_path / "records" / "eval-0.parquet")
+    files = ["--train_files", str(tmp_path / "records" / "train-0.parquet")]
+    files += ["--eval_files", str(tmp_path / "records" / "eval-0.parquet")]
+    short = ["--max_steps", "2", "--compare_flow_planner", "false", "--disable_tqdm", "true", "--report_to", "none"]
+    run([sys.executable, "-m", "vlmheads", "train-orion", *files, *short, "--output_dir", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["num_scene_queries"], config["num_history_queries"]) == (6, 3)
+    assert (config["scene_query_dim"], config["history_query_dim"], config["can_bus_dim"]) == (32, 32, 16)
+
+    wrong = run_failing([sys.executable, "-m", "vlmheads", "train-orion", *files, "--num_scene_queries", "8"])
+    assert "--num_scene_queries 8, but the records in --train_files hold 6." in wrong.stderr
+
+
+def run_failing(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result
