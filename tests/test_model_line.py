@@ -1,6 +1,7 @@
 """One model line: the named models and the generic heads share their head logic, configurations import no torch,
 saved folders ship only their own task's code, and labels behave as in transformers."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,16 @@ def test_a_model_loaded_as_remote_code_saves_its_pipeline_again(tmp_path):
     )
     assert results["files"] == sorted(path.name for path in (tmp_path / "saved").glob("*.py"))
     AutoConfig.from_pretrained(target)  # its references name code the folder holds
+
+
+def test_model_side_code_imports_no_test_fixture_and_no_runtime():
+    # configuration ← modeling/processing ← everything else: the model side ships as remote code.
+    below = ("offline", "serve", "parallel", "onnx_export", "training", "data", "registry", "closed_loop")
+    for folder in ("configuration", "modeling", "processing"):
+        for path in sorted((PACKAGE / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
+                    target = node.module.split(".")[0] if node.level > 1 else folder
+                    assert target not in below, f"{path.relative_to(PACKAGE)} imports ..{node.module}"
+                    if folder == "configuration":
+                        assert target == "configuration", f"{path.relative_to(PACKAGE)} imports ..{node.module}"
