@@ -47,8 +47,8 @@ class VLMForTrajectory(DrivingHeadMixin, DelegatedGeneration, VLMHeadPreTrainedM
     width H and replace the embeddings of their placeholder tokens (`DrivingEmbeddings`, shared with the Orion
     models); the backbone reads the prompt with its images (`sequence_states`), and its state at `<ego_wp>` (B, H)
     feeds the trajectory head (`"mlp"` or `"flow"`) → waypoints (B, T, D). The placeholders need token ids: add
-    them to the family's processor with `DrivingPlaceholders`, grow the backbone's embeddings to the tokenizer
-    (`resize_token_embeddings`) and pass `placeholders.model_config_kwargs()` to the config.
+    them to the family's processor with `DrivingPlaceholders` and pass `placeholders.model_config_kwargs()` to
+    `from_backbone`, which grows the backbone's embeddings to cover them.
     """
 
     config: VLMTrajectoryConfig
