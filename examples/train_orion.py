@@ -315,12 +315,23 @@ def train_flow_planner(
         return metric_row(trainer.evaluate(metric_key_prefix="eval_flow"), "eval_flow")
 
 
+def phase(training_args: TrainingArguments, title: str) -> None:
+    """A heading before each phase of the run (main process only)."""
+    if training_args.process_index == 0:
+        print(f"\n== {title}", flush=True)
+
+
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, OrionTrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, OrionTrainingArguments),
+        description=__doc__.split("\n\n")[0]
+        + " Record schema: vlmheads.data.driving (python -m pydoc vlmheads.data.driving).",
+    )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
 
+    phase(training_args, "Data and model")
     widths = settle_sizes(model_args, data_args)
     train_dataset, eval_dataset = load_data(data_args, training_args.seed, model_queries(model_args))
     # The flow planner samples displacements normalised with the training set's statistics.
@@ -342,8 +353,11 @@ def main() -> None:
             "accelerators only, not on CPU processes."
         )
 
+    phase(training_args, "Evaluating the untrained model")
     untrained = trainer.evaluate(metric_key_prefix="eval_untrained")
+    phase(training_args, "Training")
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    phase(training_args, "Evaluating the trained model (and with the scene queries zeroed)")
     trained = trainer.evaluate(metric_key_prefix="eval_trained")
     no_scene = trainer.evaluate(
         eval_dataset.map(lambda batch: {"scene_queries": np.zeros_like(batch["scene_queries"])}, batched=True),
@@ -354,10 +368,12 @@ def main() -> None:
         compare_flow = model_args.base_model.startswith("tiny-")
     flow_row = None
     if compare_flow and config.trajectory_head != "flow":
+        phase(training_args, "Training and evaluating the flow planner on the same data")
         flow_row = train_flow_planner(
             model_args, data_args, training_args, train_dataset, eval_dataset, {**widths, **statistics}
         )
 
+    phase(training_args, "Saving, reloading with AutoModel, plotting")
     if model_args.lora:
         model = trainer.model.merge_and_unload()
         if trainer.is_world_process_zero():
