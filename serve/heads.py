@@ -4,7 +4,8 @@ The head kind (`head_kind_of`: the class attribute every vlmheads model and conf
 that answers: `/classify` for any classifier, `/v1/trajectory` for any driving model, `/v1/actions` for any VLA.
 Chat completions need a model that generates text (`PreTrainedModel.can_generate()`, `VLMFamily.generates_text`)
 on a family whose caches `LocalEngine` batches (`VLMFamily.architecture` decoder-only). No class names, no
-`hasattr`: a new head or family is served once it declares these.
+`hasattr` on the model: a new head or family is served once it declares these (a new head kind also needs its
+route in `HEAD_ROUTES` and its inputs in `HEAD_INPUTS`).
 
 The request bodies of `/v1/actions` live here next to the inputs they become; the other bodies are in
 `openai_protocol`.
