@@ -57,6 +57,7 @@ class QuantizedLoadingMixin:
     @classmethod
     def from_pretrained(cls, *args, quantization_config: QuantizationConfigMixin | dict | None = None, **kwargs):
         if isinstance(quantization_config, BitsAndBytesConfig) and quantization_config.llm_int8_skip_modules is None:
-            skip_modules = cls.quantization_skip_modules_for(*args[:1], **kwargs)
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            skip_modules = cls.quantization_skip_modules_for(source, **kwargs)
             quantization_config = with_skip_modules(quantization_config, skip_modules)
         return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)

@@ -56,7 +56,7 @@ class ReceiptVLClassifier(
         self.post_init()
 
     @classmethod
-    def quantization_skip_modules_for(cls, *args, **kwargs) -> list[str]:
+    def quantization_skip_modules_for(cls, pretrained_model_name_or_path, **kwargs) -> list[str]:
         return list(cls.quantization_skip_modules)
 
     @classmethod

@@ -184,3 +184,21 @@ def test_model_side_code_imports_no_test_fixture_and_no_runtime():
                     assert target not in below, f"{path.relative_to(PACKAGE)} imports ..{node.module}"
                     if folder == "configuration":
                         assert target == "configuration", f"{path.relative_to(PACKAGE)} imports ..{node.module}"
+
+
+def test_one_quantized_loading_keeps_the_family_skip_list_and_the_head_in_full_precision(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    from vlmheads.modeling.families import vlm_family
+
+    model = VLMForImageClassification.from_backbone(create_vlm("llava", tiny=True), num_labels=2)
+    model.save_pretrained(tmp_path)
+    requested = BitsAndBytesConfig(load_in_8bit=True)
+    loaded = VLMForImageClassification.from_pretrained(
+        pretrained_model_name_or_path=tmp_path, quantization_config=requested
+    )
+    expected = [f"backbone.{name}" for name in vlm_family("llava").quantization_skip_modules] + ["classifier"]
+    assert loaded.config.quantization_config.llm_int8_skip_modules == expected
+    assert requested.llm_int8_skip_modules is None  # the caller's config is left as it was
+    assert type(loaded.classifier.out_proj) is torch.nn.Linear
+    assert any(type(module).__name__ == "Linear8bitLt" for module in loaded.backbone.modules())
