@@ -129,7 +129,10 @@ def build_model(args: ClassifierArguments, labels: list[str], seed: int):
 
 
 def main() -> None:
-    parser = HfArgumentParser((ClassifierArguments, ClassifierTrainingArguments), description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(
+        (ClassifierArguments, ClassifierTrainingArguments),
+        description=__doc__.split("\n\n")[0] + " Data schema: vlmheads.data.receipts.load_image_folder.",
+    )
     args, training_args = parser.parse_args_into_dataclasses()
     set_seed(training_args.seed)
     train_set, eval_set, labels = load_data(args)

@@ -188,7 +188,12 @@ def build_model(args: ReceiptArguments, training_args: TrainingArguments, class_
 
 
 def main() -> None:
-    args, training_args = HfArgumentParser((ReceiptArguments, ReceiptTrainingArguments)).parse_args_into_dataclasses()
+    parser = HfArgumentParser(
+        (ReceiptArguments, ReceiptTrainingArguments),
+        description=__doc__.split("\n\n")[0]
+        + " Data schema: vlmheads.data.receipts.load_image_folder (one folder per class).",
+    )
+    args, training_args = parser.parse_args_into_dataclasses()
     if (args.load_in_4bit or args.load_in_8bit) and not args.lora:
         raise ValueError("A quantized decoder trains through LoRA adapters: add --lora to --load_in_4bit/8bit.")
     if args.load_in_4bit and training_args.use_cpu and training_args.eval_strategy != IntervalStrategy.NO:

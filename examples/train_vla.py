@@ -186,7 +186,11 @@ def evaluation_table(model, collator, train, evaluation, batch_size: int) -> dic
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, VLATrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, VLATrainingArguments),
+        description=__doc__.split("\n\n")[0]
+        + " Data schema: vlmheads.data.manipulation (LeRobot v2.1/v3.0 folders, Hub ids or parquet tables).",
+    )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
