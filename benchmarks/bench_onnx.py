@@ -10,7 +10,8 @@ GenAI runs the same decoder weights as a Qwen2ForCausalLM built by its own model
 Per engine (a row), the engines taking turns every round, medians:
 - prefill: `generate(max_new_tokens=1)`;
 - decode per token: (time with N new tokens - prefill) / (N - 1), with each engine's key/value cache;
-- peak RSS: the high-water mark (VmHWM) of a fresh process that loads the engine and generates N tokens;
+- peak RSS: the high-water mark (VmHWM) of a fresh process that loads the engine and generates N tokens (the ONNX
+  Runtime engines in a process that never imports torch);
 - top-1 agreement with the fp32 ONNX decoder, teacher-forced on its greedy continuation of fixed prompts;
 - decode / bandwidth limit: decode per token divided by the time to read the decoder's weight files once at the
   memory bandwidth measured in the same run (a large NumPy copy: bytes read + bytes written per second).
@@ -199,34 +200,57 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def measure_rss(engine: str, work: Path, args: argparse.Namespace) -> None:
-    """In a fresh process: load `engine`, generate N tokens after the prompt, print the peak RSS in bytes."""
+# Peak RSS of the ONNX Runtime engines, measured where torch is never imported (as a deployment would run them).
+ONNX_RSS_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+work, engine, graph = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+threads, new_tokens = int(sys.argv[4]), int(sys.argv[5])
+prompt = np.load(work / "prompt.npy")
+if engine == "GenAI fp32":
+    import onnxruntime_genai as og
+    model = og.Model(str(work / "genai"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=prompt.shape[1] + new_tokens, batch_size=1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    for _ in range(new_tokens):
+        generator.generate_next_token()
+else:
+    from vlmheads.onnx_export import OnnxVLM
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    OnnxVLM(work / "onnx", session_options=options, decoder=graph).generate(prompt, max_new_tokens=new_tokens)
+assert "torch" not in sys.modules
+status = Path("/proc/self/status").read_text()
+print(json.dumps({"peak_rss_bytes": 1024 * int(status.split("VmHWM:")[1].split()[0])}))
+"""
+
+
+def measure_torch_rss(engine: str, work: Path, args: argparse.Namespace) -> None:
+    """In a fresh process: load the saved model (compiled for the torch.compile row), generate N tokens after the
+    prompt, print the peak RSS in bytes."""
     torch.set_num_threads(args.threads)
     prompt = np.load(work / "prompt.npy")
-    if engine in ONNX_ENGINES:
-        host = OnnxVLM(work / "onnx", session_options=session_options(args.threads), decoder=ONNX_ENGINES[engine])
-        host.generate(prompt, max_new_tokens=args.new_tokens)
-    elif engine == "GenAI fp32":
-        GenAIEngine(work / "genai", args.vocab_size).generate(prompt, args.new_tokens)
-    else:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(work / "torch").eval()
-        if engine == "PyTorch torch.compile":
-            model.forward = torch.compile(model.forward, dynamic=True)
-        with torch.no_grad():
-            model.generate(torch.from_numpy(prompt), max_new_tokens=args.new_tokens, do_sample=False)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(work / "torch").eval()
+    if engine == "PyTorch torch.compile":
+        model.forward = torch.compile(model.forward, dynamic=True)
+    with torch.no_grad():
+        model.generate(torch.from_numpy(prompt), max_new_tokens=args.new_tokens, do_sample=False)
     status = Path("/proc/self/status").read_text()
-    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_bytes": peak_kb * 1024}))
+    print(json.dumps({"peak_rss_bytes": 1024 * int(status.split("VmHWM:")[1].split()[0])}))
 
 
-def peak_rss(engine: str, work: Path, argv: list[str]) -> float | None:
-    """Peak RSS (bytes) of `measure_rss(engine)` in a subprocess; None if it failed."""
-    run = subprocess.run(
-        [sys.executable, __file__, *argv, "--rss-of", engine, "--out-dir", str(work)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+def peak_rss(engine: str, work: Path, argv: list[str], args: argparse.Namespace) -> float | None:
+    """Peak RSS (bytes) of a fresh process that loads `engine` and generates N tokens; None if it failed."""
+    if engine in ONNX_ENGINES or engine == "GenAI fp32":
+        graph = ONNX_ENGINES.get(engine, "")
+        command = ["-c", ONNX_RSS_SCRIPT, str(work), engine, graph, str(args.threads), str(args.new_tokens)]
+    else:
+        command = [__file__, *argv, "--rss-of", engine, "--out-dir", str(work)]
+    run = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:
         print(f"peak RSS of {engine} not measured: {run.stderr.strip().splitlines()[-1:]}")
         return None
@@ -245,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.rss_of is not None:
-        measure_rss(args.rss_of, args.out_dir, args)
+        measure_torch_rss(args.rss_of, args.out_dir, args)
         return
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 to time decoding, got {args.new_tokens}.")
@@ -330,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         "PyTorch eager": graph_bytes(out_dir, "decoder"),
         "PyTorch torch.compile": graph_bytes(out_dir, "decoder"),
     }
-    rss = {name: peak_rss(name, work, argv) for name in engines}
+    rss = {name: peak_rss(name, work, argv, args) for name in engines}
 
     text = model.config.text_config
     print(

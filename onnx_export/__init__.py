@@ -1,4 +1,5 @@
-"""ONNX export of Qwen2-VL / Qwen2.5-VL / Orion models and their ONNX Runtime host.
+"""ONNX export of the VLM families the family table marks `onnx_exportable` (Qwen2-VL, Qwen2.5-VL, SmolVLM), the
+Orion models and image classifiers, and their ONNX Runtime host.
 
 `OnnxVLM` runs on onnxruntime and NumPy alone; `export_onnx` (which needs torch) loads only when first used, so
 importing this package never imports torch.

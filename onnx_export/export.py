@@ -147,6 +147,18 @@ class DecoderGraph(nn.Module):
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.with_hidden_states = with_hidden_states
 
+    def hidden_states(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
+        """The language model's last hidden states (B, S, H); `cache` takes the new keys and values."""
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -161,14 +173,7 @@ class DecoderGraph(nn.Module):
                 for i in range(self.num_layers)
             ]
         )
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-        hidden_states = outputs.last_hidden_state
+        hidden_states = self.hidden_states(inputs_embeds, attention_mask, position_ids, cache)
         # (B, 1, H) @ (H, V): a MatMul, which the weight quantizers take (a 2-D input would export as Gemm).
         logits = self.lm_head(hidden_states[:, -1:]).float()[:, 0]
         present = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
@@ -251,7 +256,8 @@ def export_graph(
     return graph_entry(path)
 
 
-def _text_sizes(model: PreTrainedModel) -> dict[str, int]:
+def text_sizes(model: PreTrainedModel) -> dict[str, int]:
+    """The decoder's sizes the host needs: layers, key/value heads, head and hidden size, vocabulary, context."""
     text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     return {
@@ -303,7 +309,7 @@ def export_decoder(
 ) -> dict[str, Any]:
     """The decoder graph over key/value buffers; its `position_ids` are (3, B, S) for M-RoPE families and (B, S)
     for the others."""
-    sizes = _text_sizes(model)
+    sizes = text_sizes(model)
     on_model = {"dtype": model.dtype, "device": model.device}
     batch, seq, past, total = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST, EXAMPLE_CAPACITY
     inputs_embeds = torch.randn(batch, seq, sizes["hidden_size"], **on_model)
@@ -373,7 +379,9 @@ def export_trajectory(model: PreTrainedModel, out_dir: Path) -> dict[str, Any]:
     )
 
 
-def _token_ids(model: PreTrainedModel, processor: ProcessorMixin | None, orion: bool) -> dict[str, Any]:
+def special_token_ids(model: PreTrainedModel, processor: ProcessorMixin | None, orion: bool) -> dict[str, Any]:
+    """The token ids the host needs: image, stop (`eos`), padding, Qwen's video and vision markers, Orion's
+    placeholders."""
     from ..modeling.modeling_vlm_heads import image_token_id
 
     config = model.config
@@ -479,8 +487,8 @@ def _export_generation(
         "head_kind": head_kind_of(model),
         "dtype": dtype,
         "graphs": graphs,
-        "token_ids": _token_ids(model, processor, orion),
-        "decoder": _text_sizes(export_model),
+        "token_ids": special_token_ids(model, processor, orion),
+        "decoder": text_sizes(export_model),
         "positions": family.positions,
     }
     if family.positions == POSITIONS_MROPE:

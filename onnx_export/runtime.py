@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from .manifest import MROPE_POSITIONS, ORT_TYPES, open_graph, read_manifest
 from .mrope import rope_positions, text_positions
+from .sampling import sample
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # Room prefill leaves in the cache for new tokens unless told otherwise.
@@ -82,27 +83,6 @@ class DecodeState:
     cache: KeyValueCache
     attention_mask: np.ndarray
     last_positions: np.ndarray
-
-
-def _filter_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
-    if top_k >= logits.shape[-1]:
-        return logits
-    kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-    return np.where(logits < kth, -np.inf, logits)
-
-
-def _filter_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """Keeps the smallest set of most likely tokens whose probability reaches `top_p` (at least one)."""
-    order = np.argsort(logits, axis=-1)
-    sorted_logits = np.take_along_axis(logits, order, axis=-1)
-    probs = np.exp(sorted_logits - sorted_logits[:, -1:])
-    probs /= probs.sum(axis=-1, keepdims=True)
-    removed = np.cumsum(probs, axis=-1) <= 1 - top_p
-    removed[:, -1] = False
-    filtered = np.where(removed, -np.inf, sorted_logits)
-    result = np.empty_like(logits)
-    np.put_along_axis(result, order, filtered, axis=-1)
-    return result
 
 
 class OnnxVLM:
@@ -418,8 +398,9 @@ class OnnxVLM:
         """Token ids (B, S + N) like `model.generate`: the prompt, then up to `max_new_tokens` new tokens, rows that
         stopped (an `eos_token_id`) padded with `pad_token_id`; stops early once every row has stopped.
 
-        Greedy by default; `do_sample=True` samples with `temperature`, `top_k` and `top_p` (transformers'
-        defaults), from a NumPy generator seeded with `seed`. Stop and pad ids default to the exported model's.
+        Greedy by default; `do_sample=True` samples with `temperature` (raised to 0.01 when below), `top_k` and
+        `top_p` (transformers' defaults and order, `sampling.py`, the NumPy twin of the server's sampler), from a
+        NumPy generator seeded with `seed`. Stop and pad ids default to the exported model's.
         """
         self._require("vlm", "orion", action="generate")
         if max_new_tokens < 1:
@@ -454,14 +435,7 @@ class OnnxVLM:
         for step in range(max_new_tokens):
             logits = state.logits.astype(np.float32)
             if do_sample:
-                logits = logits / temperature
-                if top_k is not None:
-                    logits = _filter_top_k(logits, top_k)
-                if top_p < 1:
-                    logits = _filter_top_p(logits, top_p)
-                probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-                probs /= probs.sum(axis=-1, keepdims=True)
-                next_tokens = np.array([rng.choice(len(row), p=row) for row in probs], dtype=np.int64)
+                next_tokens = sample(logits, rng, temperature, top_k, top_p)
             else:
                 next_tokens = logits.argmax(axis=-1)
             next_tokens = np.where(unfinished, next_tokens, pad_token_id)

@@ -4,7 +4,9 @@ file) and exports are written whole or not at all."""
 import json
 import shutil
 
+import onnx
 import pytest
+from onnx import numpy_helper
 from onnx_helpers import tiny_export, tiny_model_and_processor
 
 from vlmheads.onnx_export import OnnxVLM, export_onnx
@@ -77,10 +79,14 @@ def test_a_changed_graph_file_fails_its_checksum_unless_opted_out(export_copy, t
     shutil.copytree(export_copy, out_dir)
     manifest = read_manifest(out_dir)
     assert set(manifest["sha256"]) == {entry["file"] for entry in manifest["graphs"].values()}
+    # One weight changed by a little: a valid graph that loads, but not the exported one.
     embedding = out_dir / manifest["graphs"]["embedding"]["file"]
-    data = bytearray(embedding.read_bytes())
-    data[-5] ^= 0x01
-    embedding.write_bytes(bytes(data))
+    graph = onnx.load(str(embedding))
+    tensor = graph.graph.initializer[0]
+    weights = numpy_helper.to_array(tensor).copy()
+    weights.flat[0] += 1e-3
+    tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))
+    onnx.save(graph, str(embedding))
     with pytest.raises(ManifestError, match=r"embedding.onnx does not match its SHA-256 .*verify_checksums=False"):
         OnnxVLM(out_dir)
     assert OnnxVLM(out_dir, verify_checksums=False).kind == "vlm"
