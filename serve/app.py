@@ -727,11 +727,14 @@ class Server:
     # ---- the heads' routes: /v1/trajectory, /classify, /v1/actions -------------------------------------------
 
     def check_route(self, route: str) -> None:
-        """A 404 unless `route` serves the head the model declares."""
+        """A 404 unless `route` serves the head the model declares (a 503 when the engine has no processor)."""
         try:
             self.served.check_route(route)
         except ServingError as error:
             raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
+        if self.served.inputs is None:
+            message = f"`{self.engine.model_id}` was loaded without its processor, which POST {route} needs."
+            raise APIError(503, message, code="processor_missing", kind="service_unavailable")
 
     def trajectory_inputs(self, body: TrajectoryRequest) -> dict[str, Any]:
         images = [] if body.image is None else [decode_image_url(body.image, self.limits, "image")]

@@ -77,7 +77,8 @@ def forward_options(model: PreTrainedModel) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ServedModel:
     """What the server knows of its model: the head kind it declares, the family it runs on, and what turns a
-    request of its route into model inputs (`inputs`; None for a plain backbone, which answers chat only)."""
+    request of its route into model inputs (`inputs`; None for a plain backbone, which answers chat only, and for
+    an engine without a processor)."""
 
     model_id: str
     head_kind: str
@@ -94,7 +95,8 @@ class ServedModel:
         try:
             head_kind, family = head_kind_of(config), backbone_family_of(config)
             builder = HEAD_INPUTS.get(head_kind)
-            return cls(model_id, head_kind, family, None if builder is None else builder(config, processor))
+            inputs = None if builder is None or processor is None else builder(config, processor)
+            return cls(model_id, head_kind, family, inputs)
         except ValueError as error:
             raise ServingError(f"The server cannot serve `{model_id}`: {error}") from error
 

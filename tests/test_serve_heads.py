@@ -125,6 +125,15 @@ def test_a_classifier_answers_no_other_route(classifier):
         client.chat.completions.create(model="tiny-classifier", messages=[{"role": "user", "content": "Hi"}])
 
 
+def test_a_head_route_without_the_processor_is_unavailable(classifier):
+    _, model, _ = classifier
+    engine = LocalEngine(model, None, model_id="no-processor")
+    with served(engine) as url:
+        response = httpx.post(f"{url}/classify", json={"input": data_url(tiny_image(1))})
+    engine.close(drain=False)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "processor_missing"
+
+
 # ---- /v1/trajectory -----------------------------------------------------------------------------------------------
 
 
