@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +51,7 @@ from .heads import (
     ServingError,
 )
 from .memory import return_large_blocks_to_the_os
+from .metrics import RequestTimer, ServerMetrics
 from .openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -403,6 +405,7 @@ class ChoiceState:
     index: int
     stream: EngineStream
     text: CompletionText
+    timer: RequestTimer
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -486,6 +489,7 @@ class Server:
         self.served = ServedModel.of(engine.model_id, engine.config, engine.processor)
         # The generation streams open now, ended with an error event when the drain deadline passes.
         self.streams: weakref.WeakSet[EngineStream] = weakref.WeakSet()
+        self.metrics = ServerMetrics(engine)
 
     def expire_streams(self) -> None:
         """Ends every open generation with an error event (on the event loop; the drain deadline passed)."""
@@ -535,6 +539,7 @@ class Server:
         return self.process("messages", images=images or None, text=[prompt])
 
     async def chat(self, request: Request) -> Response:
+        arrival = time.perf_counter()
         body: ChatCompletionRequest = parse_body(await read_body(request, self.limits), ChatCompletionRequest)
         self.check_model(body.model)
         if self.engine.generation_refusal is not None:
@@ -584,10 +589,12 @@ class Server:
                 )
                 stream = EngineStream(self.engine, generation)
                 self.streams.add(stream)
-                choices.append(ChoiceState(index, stream, CompletionText(self.tokenizer, body.stop_strings)))
+                text = CompletionText(self.tokenizer, body.stop_strings)
+                choices.append(ChoiceState(index, stream, text, RequestTimer(self.metrics, arrival)))
         except APIError:
             cancel_choices(choices)
             raise
+        self.metrics.prompt_tokens.inc(prompt_tokens)
         created = now()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -639,15 +646,20 @@ class Server:
         it ends (its stream is cancelled at a stop string). Returns the text now safe to send; raises the
         request's error when the event ends it with one."""
         delta = choice.text.push(event.token_id, final=event.finish_reason is not None)
+        if event.token_id is not None:
+            choice.timer.token()
         if event.logprob is not None:
             choice.logprobs.append(self.token_logprob(event))
         if event.finish_reason == "error":
+            choice.timer.finish("error")
             raise choice.stream.error(event)
         if choice.text.stopped:
             choice.stream.cancel()
             choice.finish_reason = "stop"
         elif event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
+        if choice.finish_reason is not None:
+            choice.timer.finish(choice.finish_reason)
         return delta
 
     async def collect(self, request: Request, choice: ChoiceState) -> None:
@@ -873,6 +885,10 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

@@ -49,6 +49,15 @@ class GenerationRequest:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine holds now: requests decoding, requests queued, and token positions in its KV cache."""
+
+    running: int = 0
+    waiting: int = 0
+    cache_tokens: int = 0
+
+
 @dataclass
 class TokenEvent:
     """One step of one request: a new token, or the end of the request (or both).
@@ -102,6 +111,10 @@ class GenerationEngine(abc.ABC):
     @abc.abstractmethod
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops accepting requests; with `drain`, finishes those in flight first (at most `timeout` seconds)."""
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now (GET /metrics). Engines that do not count keep this default: all zero."""
+        return EngineLoad()
 
     def forward(self, inputs: dict[str, Any]) -> Any:
         """One forward pass of the whole model on the processor's outputs (batch of 1) for the endpoints that do not

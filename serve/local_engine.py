@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..modeling.capabilities import backbone_config_of, backbone_family_of
 from ..modeling.positions import decode_positions, prompt_positions
-from .engine import GenerationEngine, GenerationRequest, TokenEvent
+from .engine import EngineLoad, GenerationEngine, GenerationRequest, TokenEvent
 from .heads import forward_options, generation_refusal
 from .sampling import RequestSampler, SamplingError, sample_rows_isolated, token_logprobs
 
@@ -124,6 +124,12 @@ class LocalEngine(GenerationEngine):
             self._drain = drain
             self._wakeup.notify()
         self._thread.join(timeout)
+
+    def load(self) -> EngineLoad:
+        with self._wakeup:
+            running, waiting = len(self._rows), len(self._pending)
+            mask = self._mask
+        return EngineLoad(running=running, waiting=waiting, cache_tokens=0 if mask is None else mask.numel())
 
     @property
     def num_active(self) -> int:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server over the tiny Orion model, talked to by the official `openai` client and httpx."""
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +10,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from receipt_helpers import make_model as make_receipt_model
 from receipt_helpers import make_processor as make_receipt_processor
 from receipt_helpers import photo
@@ -22,7 +24,7 @@ from serve_helpers import (
     tiny_parts,
 )
 
-from vlmheads.serve import GenerationEngine, LocalEngine, TokenEvent
+from vlmheads.serve import GenerationEngine, GenerationRequest, LocalEngine, TokenEvent
 from vlmheads.serve.__main__ import parse_args
 from vlmheads.serve.app import API_KEY_ENV, ServerLimits
 from vlmheads.serve.models import EMBEDDED_MODEL_ID
@@ -170,6 +172,48 @@ def test_n_choices_are_sampled_apart_and_reproducibly(client):
             streamed[choice.index] += choice.delta.content or ""
             finish[choice.index] = choice.finish_reason or finish[choice.index]
     assert streamed == texts and finish == ["length"] * 3
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """GET /metrics as {sample name with labels: value}."""
+    response = httpx.get(f"{base_url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_prometheus_metrics_count_tokens_latencies_and_load(client, base_url, engine):
+    before = scrape(base_url)
+    answer = client.chat.completions.create(
+        model=EMBEDDED_MODEL_ID, messages=[{"role": "user", "content": "Count me."}], max_tokens=5, temperature=0
+    )
+    after = scrape(base_url)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("vlmheads:prompt_tokens_total") == answer.usage.prompt_tokens
+    assert grew("vlmheads:generation_tokens_total") == 5
+    assert grew("vlmheads:time_to_first_token_seconds_count") == 1
+    assert grew("vlmheads:inter_token_latency_seconds_count") == 4
+    assert grew("vlmheads:e2e_request_latency_seconds_count") == 1
+    assert grew("vlmheads:request_success_total{finished_reason=length}") == 1
+    assert after["vlmheads:num_requests_running"] == 0 and after["vlmheads:kv_cache_tokens"] == 0
+    # A request without stop tokens decodes until cancelled: the gauges see it.
+    _, processor = tiny_parts()
+    prompt = processor.apply_chat_template([{"role": "user", "content": "Talk."}], add_generation_prompt=True)
+    decoding = threading.Event()
+    inputs = dict(processor(text=[prompt], return_tensors="pt"))
+    engine.submit(GenerationRequest("metrics-probe", inputs, 4000), lambda event: decoding.set())
+    assert decoding.wait(30)
+    during = scrape(base_url)
+    engine.cancel("metrics-probe")
+    assert during["vlmheads:num_requests_running"] == 1 and during["vlmheads:kv_cache_tokens"] > 0
+    wait_idle(engine)
 
 
 def test_stream_without_usage_ends_with_done(base_url):
