@@ -27,7 +27,7 @@ class ServerMetrics:
         cached.set_function(lambda: engine.load().cache_tokens)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens submitted.", registry=self.registry)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.", registry=self.registry)
-        self.time_to_first_token = self._latency("time_to_first_token", "From the request's arrival to its first token.")
+        self.time_to_first_token = self._latency("time_to_first_token", "From arrival to the first token.")
         self.inter_token_latency = self._latency("inter_token_latency", "Between consecutive tokens of a request.")
         self.e2e_latency = self._latency("e2e_request_latency", "From the request's arrival to its end.")
         self.finished = Counter(
@@ -36,7 +36,6 @@ class ServerMetrics:
             ["finished_reason"],
             registry=self.registry,
         )
-
 
     def _latency(self, name: str, documentation: str) -> Histogram:
         return Histogram(f"{PREFIX}{name}_seconds", documentation, buckets=_LATENCY_BUCKETS, registry=self.registry)
