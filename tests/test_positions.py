@@ -9,6 +9,8 @@ from vlmheads.modeling.families import POSITIONS_1D, POSITIONS_MROPE, vlm_family
 from vlmheads.modeling.positions import decode_positions, mrope_positions, prompt_positions
 
 
+# Slow the first time in a session: it builds the tiny Qwen2-VL processor (the full Qwen tokenizer).
+@pytest.mark.slow
 @pytest.mark.parametrize("images", [True, False], ids=["image", "text"])
 def test_mrope_prompt_positions_are_the_models_own(images):
     model = tiny_backbone("qwen2-vl").eval()
