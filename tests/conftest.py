@@ -6,7 +6,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="vlmheads-modules-")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from orion_helpers import FAMILIES, make_processor  # noqa: E402
+
+# Under pytest-xdist (`-n 2`) each worker has one core: torch's own thread pool would make the workers fight over both.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=sorted(FAMILIES))
