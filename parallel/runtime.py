@@ -78,7 +78,8 @@ def _seed_bits(seed: int) -> int:
 
 def encode_blob(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Named tensors as one uint8 tensor (safetensors bytes), sent after a header that gives its length."""
-    data = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()})
+    # Clones: safetensors refuses tensors that share memory (a head's `trajectory` is a view of its modes).
+    data = save({name: tensor.detach().cpu().clone() for name, tensor in tensors.items()})
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

@@ -3,6 +3,7 @@ launcher."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,13 +96,18 @@ def torchrun_env() -> dict[str, str]:
 
 
 def run_torchrun(num_stages: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        torchrun_command(num_stages, *args),
-        env=torchrun_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    """Runs torchrun to its end, in a session of its own: past `timeout` every stage is killed, not only torchrun."""
+    command = torchrun_command(num_stages, *args)
+    process = subprocess.Popen(
+        command, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def read_results(path: Path) -> dict[str, dict]:

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 import torch
@@ -512,15 +513,61 @@ def test_torchrun_llava_pipeline_matches_generate_and_ends_a_failing_request_alo
         assert body["choices"][0]["message"]["content"] == openai_reference(model, processor, text, seed, 6)
 
 
+@contextlib.contextmanager
+def pipeline_server(folder, *args: str):
+    """`torchrun` serving a 2-stage pipeline of `folder` on a free port: yields (base URL, process, stderr lines so
+    far) once uvicorn runs."""
+    port = free_port()
+    command = torchrun_command(2, "--model", str(folder), "--port", str(port), "--served-model-name", "tiny", *args)
+    # A session of its own, so that no stage outlives the test.
+    process = subprocess.Popen(
+        command,
+        env=torchrun_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("Uvicorn running" in line for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", process, lines
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(60)
+        reader.join(10)
+
+
+def trajectory_body(config, image: str | None) -> dict:
+    generator = torch.Generator().manual_seed(11)
+    body = {
+        "scene_queries": torch.randn(config.num_scene_queries, config.scene_query_dim, generator=generator).tolist(),
+        "history_queries": torch.randn(
+            config.num_history_queries, config.history_query_dim, generator=generator
+        ).tolist(),
+        "can_bus": torch.randn(config.can_bus_dim, generator=generator).tolist(),
+        "prompt": "Keep the lane.",
+    }
+    return body if image is None else {**body, "image": image}
+
+
 @pytest.mark.slow
 def test_served_pipeline_answers_as_the_single_process_server_then_fails_fast_when_a_stage_stops(saved_models):
     """Two stages behind the HTTP server give the official client the single-process server's answers (with and
-    without an image, plain and streamed); they stay up through an idle spell longer than the timeout (heartbeats),
-    then stage 1 stops (SIGSTOP): stage 0 names it within the timeout and every process exits."""
+    without an image, plain and streamed) and the same /v1/trajectory waypoints within 1e-5 (the head on the last
+    stage); they stay up through an idle spell longer than the timeout (heartbeats), then stage 1 stops (SIGSTOP):
+    stage 0 names it within the timeout and every process exits."""
     folder, model, processor = saved_models("qwen2_vl")
     questions = [("Hello", None), ("What is ahead?", camera_data_url(3))]
+    trajectories = [trajectory_body(model.config, image) for image in (None, camera_data_url(4))]
 
-    def answers(base_url: str) -> list[str]:
+    def answers(base_url: str) -> tuple[list[str], list]:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
         replies = []
         for text, image in questions:
@@ -533,43 +580,78 @@ def test_served_pipeline_answers_as_the_single_process_server_then_fails_fast_wh
                 reply.choices[0].message.content
             )
             replies.append(reply.choices[0].message.content)
-        return replies
+        waypoints = []
+        for body in trajectories:
+            response = httpx.post(f"{base_url}/v1/trajectory", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            waypoints.append(response.json()["waypoints"])
+        return replies, waypoints
 
     with served(LocalEngine(model, processor, model_id="tiny")) as base_url:
-        expected = answers(base_url)
+        expected, expected_waypoints = answers(base_url)
     timeout = 3.0
-    port = free_port()
-    command = torchrun_command(2, "--model", str(folder), "--layers", "2,1", "--port", str(port))
-    command += ["--served-model-name", "tiny", "--timeout", str(timeout)]
-    process = subprocess.Popen(command, env=torchrun_env(), stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)
-    reader.start()
     stopped_pid = None
-    try:
-        deadline = time.monotonic() + 180
-        while not any("Uvicorn running" in line for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.1)
-        assert answers(f"http://127.0.0.1:{port}") == expected
-        time.sleep(1.5 * timeout)
-        assert process.poll() is None, "".join(lines)[-3000:]
-        # Lines of different ranks may run together on the shared stderr.
-        stopped_pid = int(re.search(r"stage 1/2 \(rank 1, pid (\d+)\)", "".join(lines)).group(1))
-        os.kill(stopped_pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        while not any("stopped answering" in line for line in lines):
-            assert time.monotonic() - stopped_at < 4 * timeout, "".join(lines)[-3000:]
-            time.sleep(0.05)
-        detected_after = time.monotonic() - stopped_at
-    finally:
-        if stopped_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(stopped_pid, signal.SIGKILL)
-        if process.poll() is None and stopped_pid is None:
-            process.terminate()
-    assert process.wait(60) != 0
-    reader.join(10)
+    with pipeline_server(folder, "--layers", "2,1", "--timeout", str(timeout)) as (base_url, process, lines):
+        try:
+            replies, waypoints = answers(base_url)
+            assert replies == expected
+            torch.testing.assert_close(torch.tensor(waypoints), torch.tensor(expected_waypoints), rtol=0, atol=1e-5)
+            time.sleep(1.5 * timeout)
+            assert process.poll() is None, "".join(lines)[-3000:]
+            # Lines of different ranks may run together on the shared stderr.
+            stopped_pid = int(re.search(r"stage 1/2 \(rank 1, pid (\d+)\)", "".join(lines)).group(1))
+            os.kill(stopped_pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            while not any("stopped answering" in line for line in lines):
+                assert time.monotonic() - stopped_at < 4 * timeout, "".join(lines)[-3000:]
+                time.sleep(0.05)
+            detected_after = time.monotonic() - stopped_at
+            assert process.wait(60) != 0
+        finally:
+            if stopped_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stopped_pid, signal.SIGKILL)
     report = "".join(lines)
     assert "pipeline stage 0: stage 1 (rank 1) died or stopped answering" in report, report[-3000:]
     assert detected_after < 2 * timeout
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_drains_the_open_streams_then_stops_the_stages(saved_models):
+    """SIGTERM to torchrun (which passes it to every process): the open streams still run to their end, as with the
+    single-process server; then rank 0 stops the stages and everything exits."""
+    folder, _, _ = saved_models("qwen2_vl")
+    with pipeline_server(folder) as (base_url, process, lines):
+        started = threading.Semaphore(0)
+        endings: dict[int, tuple[str | None, int, bool]] = {}
+
+        def stream(index: int) -> None:
+            body = {**chat_body(f"Tell a long story {index}."), "model": "tiny", "max_tokens": 40, "stream": True}
+            body["temperature"] = 0
+            chunks, finish_reason, done = 0, None, False
+            with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        choices = json.loads(line[6:])["choices"]
+                        chunks += 1
+                        if chunks == 1:
+                            started.release()
+                        if choices and choices[0]["finish_reason"]:
+                            finish_reason = choices[0]["finish_reason"]
+            endings[index] = (finish_reason, chunks, done)
+
+        threads = [threading.Thread(target=stream, args=(index,)) for index in range(3)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert started.acquire(timeout=120), "".join(lines)[-3000:]
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(120)
+        process.wait(90)
+    assert all(finish_reason in ("length", "stop") and done for finish_reason, _, done in endings.values()), endings
+    assert len(endings) == 3
+    report = "".join(lines)
+    assert "died or stopped answering" not in report, report[-3000:]
