@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"Default: ${API_KEY_ENV}.")
     parser.add_argument("--max-batch-size", type=int, default=16, help="Requests decoded together.")
+    parser.add_argument(
+        "--prefix-cache-entries",
+        type=int,
+        default=8,
+        help="KV caches of recent prompts kept for prompts sharing their prefix and images (0: off).",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="Longest prompt + completion, in tokens.")
     parser.add_argument("--max-images", type=int, default=ServerLimits.max_images, help="Images per request.")
     parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
@@ -81,7 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = load_model_folder(args.model, trust_remote_code=args.trust_remote_code)
         model_id = args.served_model_name or Path(args.model).resolve().name
     engine = LocalEngine(
-        model, processor, model_id=model_id, max_batch_size=args.max_batch_size, max_context=args.max_model_len
+        model,
+        processor,
+        model_id=model_id,
+        max_batch_size=args.max_batch_size,
+        max_context=args.max_model_len,
+        prefix_cache_entries=args.prefix_cache_entries,
     )
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes,

@@ -24,6 +24,7 @@ from ..modeling.capabilities import backbone_config_of, backbone_family_of
 from ..modeling.positions import decode_positions, prompt_positions
 from .engine import EngineLoad, GenerationEngine, GenerationRequest, TokenEvent
 from .heads import forward_options, generation_refusal
+from .prefix_cache import PrefixCache, block_keys, content_digest, content_inputs, feature_token_ids
 from .sampling import RequestSampler, SamplingError, sample_rows_isolated, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -67,11 +68,15 @@ class LocalEngine(GenerationEngine):
         model_id: str = "vlmheads-tiny",
         max_batch_size: int = 16,
         max_context: int | None = None,
+        prefix_cache_entries: int = 0,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         self.model = model.eval()
         self.processor = processor
+        #: The KV caches of recent prompts, reused for prompts that share their prefix and non-text inputs.
+        self.prefix_cache = PrefixCache(prefix_cache_entries) if prefix_cache_entries > 0 else None
+        self._feature_token_ids = torch.tensor(sorted(feature_token_ids(processor)), dtype=torch.long)
         self.model_id = model_id
         self.config = model.config
         text_config = backbone_config_of(model.config).get_text_config(decoder=True)
@@ -240,10 +245,22 @@ class LocalEngine(GenerationEngine):
             if input_ids.ndim != 2 or input_ids.shape[0] != 1:
                 raise ValueError(f"inputs['input_ids'] must have shape (1, S), got {tuple(input_ids.shape)}.")
             position_ids, slot.rope_delta = self._prompt_positions(inputs)
+            keys, prefix_layers, reused = self._cached_prefix(inputs)
             with torch.no_grad():
-                outputs = self.model(
-                    **inputs, position_ids=position_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1
-                )
+                if reused:
+                    # The prefix holds every non-text token: the rest of the prompt runs as text alone.
+                    outputs = self.model(
+                        input_ids=input_ids[:, reused:],
+                        attention_mask=torch.ones_like(input_ids),
+                        position_ids=position_ids[..., reused:],
+                        cache=DynamicCache(prefix_layers),
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                else:
+                    outputs = self.model(
+                        **inputs, position_ids=position_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1
+                    )
             cache = outputs.cache
             if any(type(layer) is not DynamicLayer for layer in cache.layers):
                 raise ValueError(
@@ -252,6 +269,8 @@ class LocalEngine(GenerationEngine):
                 )
             slot.cache = cache
             slot.cached_tokens = input_ids.shape[1]
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(keys, [(layer.keys, layer.values) for layer in cache.layers])
             token = slot.sampler.sample(outputs.logits[:, -1])
         except Exception as error:
             logger.exception("Prefill of request %s failed.", request.request_id)
@@ -260,6 +279,20 @@ class LocalEngine(GenerationEngine):
             return False
         self._accept_token(slot, token, outputs.logits[0, -1])
         return not slot.finished
+
+    def _cached_prefix(self, inputs: dict[str, Any]) -> tuple[list[bytes], list[tuple[torch.Tensor, ...]], int]:
+        """The prompt's block keys, and the cached layers and length of its longest cached prefix that holds all of
+        its non-text tokens and leaves at least one token to run (no layers and 0 on a miss)."""
+        if self.prefix_cache is None:
+            return [], [], 0
+        input_ids = inputs["input_ids"][0]
+        keys = block_keys(input_ids, content_digest(inputs))
+        if content_inputs(inputs) and not len(self._feature_token_ids):
+            return keys, [], 0
+        features = torch.isin(input_ids, self._feature_token_ids).nonzero()
+        minimum = int(features[-1]) + 1 if len(features) else 0
+        layers, length = self.prefix_cache.longest_prefix(keys, minimum=minimum, limit=len(input_ids) - 1)
+        return keys, layers, length
 
     def _join(self, joining: list[_Slot]) -> None:
         """Left-pads the batched cache and the joining requests' caches to one length and stacks them."""

@@ -276,3 +276,30 @@ def test_a_numeric_failure_in_a_decode_step_ends_that_request_alone(parts):
     assert len(collector.tokens.get("poisoned", [])) < 10
     assert collector.tokens["greedy"] == expected
     assert collector.finish["tiny"][0] == "length" and len(collector.tokens["tiny"]) == 10
+
+
+def test_the_prefix_cache_hits_only_with_the_same_text_and_the_same_image(parts):
+    """A prompt with the same text and a different image never hits; the same text and image hits, and so does a
+    text prompt sharing a long prefix; every answer equals model.generate's."""
+    model, processor = parts
+    engine = LocalEngine(model, processor, prefix_cache_entries=4)
+    text = "Describe the road ahead of the car: the lanes, the signs, the lights and every vehicle, in careful detail."
+    first, other = chat_inputs(processor, text, camera_image(1)), chat_inputs(processor, text, camera_image(2))
+    shared = "You are a careful driving assistant. Read the scene and answer briefly and precisely. " * 3
+    question, follow_up = chat_inputs(processor, shared + "Is it safe?"), chat_inputs(processor, shared + "Turn?")
+
+    def answer(inputs: dict) -> list[int]:
+        collector = Collector(1)
+        engine.submit(GenerationRequest(str(len(collector.tokens)) + str(id(inputs)), inputs, 6), collector)
+        collector.wait()
+        return next(iter(collector.tokens.values()))
+
+    cache = engine.prefix_cache
+    assert answer(first) == reference(model, first, 6, ())
+    assert answer(other) == reference(model, other, 6, ()) and cache.hits == 0
+    assert answer(first) == reference(model, first, 6, ()) and cache.hits == 1
+    image_end = int((first["input_ids"][0] == processor.image_token_id).nonzero()[-1]) + 1
+    assert cache.hit_tokens >= image_end
+    assert answer(question) == reference(model, question, 6, ()) and cache.hits == 1
+    assert answer(follow_up) == reference(model, follow_up, 6, ()) and cache.hits == 2
+    engine.close()
