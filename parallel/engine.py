@@ -84,7 +84,8 @@ class PipelineEngine(GenerationEngine):
         self.max_context = max_context or stage.text_config.max_position_embeddings
         self.max_active = max_active
         self.config = stage.model.config
-        eos = stage.model.generation_config.eos_token_id
+        # A head generates with its backbone (the named models are their own backbone).
+        eos = stage.backbone.generation_config.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.on_failure = on_failure
         self.failure: str | None = None

@@ -317,6 +317,36 @@ def test_task_heads_run_on_the_last_stage(tmp_path, head):
         torch.testing.assert_close(output[name], expected[name], rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def llava_classifier(tmp_path_factory):
+    """A multimodal `VLMForImageClassification` on the tiny LLaVA, saved with the family's processor."""
+    classifier, _ = _heads_on_llava()[1]
+    folder = tmp_path_factory.mktemp("llava-classifier")
+    classifier.save_pretrained(folder)
+    tiny_parts("llava")[1].save_pretrained(folder)
+    return folder, classifier
+
+
+def classify(base_url: str) -> list[list[float]]:
+    images = [camera_data_url(seed) for seed in (1, 2)]
+    response = httpx.post(f"{base_url}/classify", json={"model": "tiny", "input": images}, timeout=120)
+    assert response.status_code == 200, response.text
+    return [row["probs"] for row in response.json()["data"]]
+
+
+def test_classify_through_the_pipeline_engine_answers_as_the_single_process_server(llava_classifier):
+    """/classify served by the pipeline's engine (one stage, the head run by `head_output`) gives the single-process
+    server's probabilities; the split head is checked in `test_task_heads_run_on_the_last_stage`."""
+    folder, classifier = llava_classifier
+    processor = tiny_parts("llava")[1]
+    with served(LocalEngine(classifier, processor, model_id="tiny")) as base_url:
+        expected = classify(base_url)
+    engine = PipelineEngine(StageModel(classifier, StagePlan(((0, 2),)), 0), processor=processor, model_id="tiny")
+    with served(engine) as base_url:
+        torch.testing.assert_close(torch.tensor(classify(base_url)), torch.tensor(expected), rtol=0, atol=1e-5)
+    engine.close()
+
+
 # -- the engine on one stage, in this process ---------------------------------------------------------------------
 
 
@@ -614,6 +644,17 @@ def test_served_pipeline_answers_as_the_single_process_server_then_fails_fast_wh
     report = "".join(lines)
     assert "pipeline stage 0: stage 1 (rank 1) died or stopped answering" in report, report[-3000:]
     assert detected_after < 2 * timeout
+
+
+@pytest.mark.slow
+def test_classify_through_a_torchrun_pipeline_answers_as_the_single_process_server(llava_classifier):
+    """A 2-stage LLaVA classifier behind the HTTP server: the classifier runs on the last stage, /classify gives
+    the single-process server's probabilities within 1e-5."""
+    folder, classifier = llava_classifier
+    with served(LocalEngine(classifier, tiny_parts("llava")[1], model_id="tiny")) as base_url:
+        expected = classify(base_url)
+    with pipeline_server(folder) as (base_url, _, _):
+        torch.testing.assert_close(torch.tensor(classify(base_url)), torch.tensor(expected), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
