@@ -53,7 +53,7 @@ class BenchmarkArguments:
     models: str = field(default=",".join(MODELS), metadata={"help": "setting:head pairs to train and evaluate."})
     family: str = field(default="paligemma", metadata={"help": "Tiny offline backbone of the heads."})
     train_episodes: int = field(default=30, metadata={"help": "Expert demonstrations per task (seeds 0..N-1)."})
-    validation_episodes: int = field(default=3, metadata={"help": "Per task, seeds from 5000."})
+    validation_episodes: int = field(default=1, metadata={"help": "Per task, seeds from 5000."})
     eval_episodes: int = field(default=10, metadata={"help": "Held-out evaluation episodes per task."})
     eval_seed: int = field(default=100_000)
     steps: int = field(default=800, metadata={"help": "Training steps of every head."})
