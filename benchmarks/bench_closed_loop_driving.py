@@ -71,7 +71,7 @@ class BenchmarkArguments:
     validation_episodes: int = field(default=4, metadata={"help": "Per scenario, from the first validation seed."})
     eval_episodes: int = field(default=5, metadata={"help": "Closed-loop episodes per scenario and policy."})
     eval_seed: int = field(default=EVALUATION_SEEDS.start)
-    epochs: float = field(default=4, metadata={"help": "Training epochs of both heads."})
+    epochs: float = field(default=6, metadata={"help": "Training epochs of both heads."})
     batch_size: int = field(default=32)
     seed: int = field(default=42, metadata={"help": "Training seed (and the untrained model's initialisation)."})
     workers: int = field(default=2, metadata={"help": "Processes: one per core."})
@@ -222,16 +222,16 @@ def plot(path: Path, names: list[str], results: dict, l2: dict[str, dict[str, fl
     for index, (key, label) in enumerate(POLICIES.items()):
         positions = np.arange(len(names)) + (index - (len(POLICIES) - 1) / 2) * width
         for axis, metric in zip(axes[:2], ("driving_score", "collision_rate"), strict=True):
-            axis.bar(positions, [results[key, name][metric] for name in names], width, label=label)
+            axis.bar(positions, [results[key, name][metric] for name in names], width, label=label, color=f"C{index}")
     for axis, title in zip(axes[:2], ("driving score", "collision rate"), strict=True):
         axis.set_xticks(np.arange(len(names)), names)
         axis.set_title(title)
         axis.set_ylim(0, 1.05)
     axes[0].legend(fontsize=7)
-    for key, label in POLICIES.items():
+    for index, (key, label) in enumerate(POLICIES.items()):
         if key in l2:
             scores = [results[key, name]["driving_score"] for name in names]
-            axes[2].scatter(l2[key]["L2@3s"], np.mean(scores), label=label, s=50)
+            axes[2].scatter(l2[key]["L2@3s"], np.mean(scores), label=label, s=50, color=f"C{index}")
     axes[2].set_xlabel("open-loop L2@3s on held-out frames [m]")
     axes[2].set_ylabel("closed-loop driving score")
     axes[2].set_title("open loop vs closed loop")

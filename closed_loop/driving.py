@@ -201,6 +201,10 @@ def write_atomically(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp makes the file private; give it the permissions of any new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
