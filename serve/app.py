@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..modeling.capabilities import backbone_config_of
 from ..processing.processing_driving_placeholders import DRIVING_FEATURES
 from ..processing.trajectory_request import TrajectoryRequestError
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
@@ -80,6 +81,7 @@ from .openai_protocol import (
     now,
 )
 from .sampling import reduced_seed
+from .structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -490,6 +492,8 @@ class Server:
         # The generation streams open now, ended with an error event when the drain deadline passes.
         self.streams: weakref.WeakSet[EngineStream] = weakref.WeakSet()
         self.metrics = ServerMetrics(engine)
+        #: Compiles structured-output formats; built on the first request that asks for one.
+        self.grammars: GrammarCompiler | None = None
 
     def expire_streams(self) -> None:
         """Ends every open generation with an error event (on the event loop; the drain deadline passed)."""
@@ -572,6 +576,9 @@ class Server:
                 param="logprobs",
                 code="unsupported",
             )
+        compiled = None
+        if body.structured_output is not None:
+            compiled = await run_in_threadpool(self.compile_format, *body.structured_output)
         choices = []
         try:
             for index in range(body.n):
@@ -586,6 +593,7 @@ class Server:
                     seed=None if body.seed is None else reduced_seed(body.seed + index),
                     stop_token_ids=self.stop_token_ids,
                     logprobs=body.logprobs_count,
+                    constraint=None if compiled is None else self.grammars.constraint(compiled),
                 )
                 stream = EngineStream(self.engine, generation)
                 self.streams.add(stream)
@@ -630,6 +638,23 @@ class Server:
             ),
         )
         return JSONResponse(dump(response))
+
+    def compile_format(self, kind: str, spec: Any) -> Any:
+        """The compiled grammar of a request's structured output (a 400 where it cannot be compiled, or the engine
+        applies no constraints); the compiler is built on first use."""
+        param = "guided_regex" if kind == "regex" else "response_format"
+        if not self.engine.supports_constraints:
+            raise APIError(
+                400, f"{type(self.engine).__name__} applies no structured output.", param=param, code="unsupported"
+            )
+        with self.processor_lock:
+            if self.grammars is None:
+                text_config = backbone_config_of(self.engine.config).get_text_config(decoder=True)
+                self.grammars = GrammarCompiler(self.tokenizer, text_config.vocab_size, self.stop_token_ids)
+        try:
+            return self.grammars.compile(kind, spec)
+        except ValueError as error:
+            raise APIError(400, f"{param}: {error}", param=param, code="invalid_value") from error
 
     def token_logprob(self, event: TokenEvent) -> TokenLogprob:
         """OpenAI's log-probability entry of the token an event carries."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenConstraint
 
 
 @dataclass
@@ -32,6 +32,8 @@ class GenerationRequest:
         stop_token_ids: generation ends after emitting any of these (the eos ids; the server adds none of its own).
         logprobs: None, or report each token's log-probability and the `logprobs` most likely tokens' (engines
             with `supports_logprobs`).
+        constraint: what the tokens must follow (structured output; engines with `supports_constraints`); one
+            per request, as it holds the sequence's state.
     """
 
     request_id: str
@@ -43,6 +45,7 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     top_k: int = 0
     logprobs: int | None = None
+    constraint: TokenConstraint | None = None
 
     def sampling_params(self) -> SamplingParams:
         """The request's sampling settings, checked: a `ValueError` names a field outside its range."""
@@ -99,6 +102,8 @@ class GenerationEngine(abc.ABC):
     generation_refusal: str | None = None
     #: Whether the engine reports log-probabilities (`GenerationRequest.logprobs`); the server refuses them if not.
     supports_logprobs: bool = False
+    #: Whether the engine applies `GenerationRequest.constraint` (structured output); the server refuses it if not.
+    supports_constraints: bool = False
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> None:

@@ -60,6 +60,7 @@ class LocalEngine(GenerationEngine):
     """
 
     supports_logprobs = True
+    supports_constraints = True
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class LocalEngine(GenerationEngine):
             raise ValueError(self.generation_refusal)
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}.")
-        slot = _Slot(request, on_event, RequestSampler(request.sampling_params()))
+        slot = _Slot(request, on_event, RequestSampler(request.sampling_params(), request.constraint))
         with self._wakeup:
             if self._closing:
                 raise RuntimeError("The engine is shutting down and accepts no new requests.")

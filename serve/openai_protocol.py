@@ -66,6 +66,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is given with type "json_schema", and only then')
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     """What `POST /v1/chat/completions` reads; other OpenAI fields are accepted and ignored. Bodies are validated
     in strict mode (`parse_body`): `max_tokens: true` or `stream: "yes"` are refused, not coerced."""
@@ -83,6 +105,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = Field(default=None, description="vLLM's extra: the completion matches this regex.")
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
@@ -94,7 +118,21 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.guided_regex is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("give response_format or guided_regex, not both")
         return self
+
+    @property
+    def structured_output(self) -> tuple[str, Any] | None:
+        """(kind, spec) of the format the completion must follow: ("json_schema", schema), ("json_object", None),
+        ("regex", pattern), or None."""
+        if self.guided_regex is not None:
+            return "regex", self.guided_regex
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.type == "json_object":
+            return "json_object", None
+        return "json_schema", self.response_format.json_schema.json_schema
 
     @property
     def logprobs_count(self) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -87,11 +88,22 @@ def reduced_seed(seed: int) -> int:
     return seed % 2**64
 
 
-class RequestSampler:
-    """One request's sampler: its warpers and its own generator. `sample(logits)` takes logits (1, V) or (V,)."""
+class TokenConstraint(Protocol):
+    """What a sequence's tokens must follow (structured output): `mask` sets the logits (V,) of the tokens it
+    forbids to -inf in place before a token is drawn; `accept` takes the drawn token (raises if it breaks it)."""
 
-    def __init__(self, params: SamplingParams):
+    def mask(self, logits: torch.Tensor) -> None: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+class RequestSampler:
+    """One request's sampler: its warpers, its own generator and its constraint. `sample(logits)` takes logits
+    (1, V) or (V,)."""
+
+    def __init__(self, params: SamplingParams, constraint: TokenConstraint | None = None):
         self.params = params
+        self.constraint = constraint
         self.warpers = params.warpers()
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -134,11 +146,28 @@ def sample_rows_isolated(logits: torch.Tensor, samplers: list[RequestSampler]) -
     for row, sampler in enumerate(samplers):
         if not finite[row]:
             results.append(SamplingError(f"the model's logits hold NaN or inf (row maximum {float(row_max[row])})."))
+        elif sampler.constraint is not None:
+            results.append(_constrained(sampler, logits[row]))
         elif sampler.params.greedy:
             results.append(greedy_tokens[row])
         else:
             results.append(_draw(sampler, logits[row]))
     return results
+
+
+def _constrained(sampler: RequestSampler, logits: torch.Tensor) -> int | SamplingError:
+    """The next token of a constrained row: drawn (or the argmax) among the tokens its constraint allows."""
+    allowed = logits.clone()
+    try:
+        sampler.constraint.mask(allowed)
+        if not torch.isfinite(allowed.max()):
+            return SamplingError("the requested format allows no token here.")
+        token = int(allowed.argmax()) if sampler.params.greedy else _draw(sampler, allowed)
+        if isinstance(token, int):
+            sampler.constraint.accept(token)
+        return token
+    except SamplingError as error:
+        return error
 
 
 def _draw(sampler: RequestSampler, logits: torch.Tensor) -> int | SamplingError:

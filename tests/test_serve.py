@@ -1,9 +1,11 @@
 """The OpenAI-compatible server over the tiny Orion model, talked to by the official `openai` client and httpx."""
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import httpx
 import openai
@@ -11,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict
 from receipt_helpers import make_model as make_receipt_model
 from receipt_helpers import make_processor as make_receipt_processor
 from receipt_helpers import photo
@@ -214,6 +217,37 @@ def test_prometheus_metrics_count_tokens_latencies_and_load(client, base_url, en
     engine.cancel("metrics-probe")
     assert during["vlmheads:num_requests_running"] == 1 and during["vlmheads:kv_cache_tokens"] > 0
     wait_idle(engine)
+
+
+class TurnAnswer(BaseModel):
+    """The structured answer asked for: its JSON schema goes out, and answers are validated against it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turn: Literal["left", "right", "straight"]
+    brake: bool
+    lane: Literal[1, 2, 3]
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_structured_output_follows_the_schema_and_the_regex(client, temperature):
+    """response_format json_schema and vLLM's guided_regex through the official client: the random tiny model's
+    answers are valid JSON of the schema (validated by the pydantic model that wrote it) and full matches of the
+    regex."""
+    messages = [{"role": "user", "content": "Which way?"}]
+    settings = {"model": EMBEDDED_MODEL_ID, "max_tokens": 60, "temperature": temperature, "seed": 3}
+    json_schema = {"name": "turn", "schema": TurnAnswer.model_json_schema()}
+    answer = client.chat.completions.create(
+        messages=messages, response_format={"type": "json_schema", "json_schema": json_schema}, n=2, **settings
+    )
+    for choice in answer.choices:
+        TurnAnswer.model_validate_json(choice.message.content, strict=True)
+        assert choice.finish_reason == "stop"
+    pattern = r"(left|right) in [1-9][0-9]? m"
+    answer = client.chat.completions.create(messages=messages, extra_body={"guided_regex": pattern}, **settings)
+    assert re.fullmatch(pattern, answer.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError, match="guided_regex"):
+        client.chat.completions.create(messages=messages, extra_body={"guided_regex": "(unclosed"}, **settings)
 
 
 def test_stream_without_usage_ends_with_done(base_url):

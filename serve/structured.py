@@ -1,0 +1,63 @@
+"""Structured output through xgrammar: OpenAI's `response_format` (`json_schema`, `json_object`) and a regular
+expression (vLLM's `guided_regex`). Each generated sequence gets its own grammar matcher; before each token, the
+tokens the grammar forbids are set to -inf in that sequence's logits, so greedy and sampled decoding both stay in the
+grammar, and once it is complete only a stop token may follow."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+import xgrammar
+
+from .sampling import SamplingError
+
+
+class GrammarConstraint:
+    """One sequence's grammar state: `mask(logits)` before a token is drawn from logits (V,), `accept(token)` after."""
+
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int):
+        self.matcher = xgrammar.GrammarMatcher(compiled)
+        self.bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Sets the logits (V,) of every token the grammar forbids now to -inf, in place."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        xgrammar.apply_token_bitmask_inplace(logits.view(1, -1), self.bitmask)
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.accept_token(token):
+            raise SamplingError(f"token {token} does not continue the requested format.")
+
+
+class GrammarCompiler:
+    """Compiles the formats requests ask for against one tokenizer (compiled grammars are cached by xgrammar)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]):
+        self.vocab_size = vocab_size
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None
+        )
+        self.compiler = xgrammar.GrammarCompiler(info)
+        self.lock = threading.Lock()
+
+    def compile(self, kind: str, spec: Any) -> xgrammar.CompiledGrammar:
+        """`kind` "json_schema" (spec: the schema), "json_object" (any JSON object) or "regex" (spec: the pattern);
+        a schema or pattern xgrammar cannot compile is a ValueError naming it. Output has no free whitespace, so a
+        closed format ends."""
+        try:
+            with self.lock:
+                if kind == "json_schema":
+                    return self.compiler.compile_json_schema(json.dumps(spec), any_whitespace=False)
+                if kind == "json_object":
+                    return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                if kind == "regex":
+                    return self.compiler.compile_regex(spec)
+        except RuntimeError as error:
+            raise ValueError(f"the {kind} cannot be compiled into a grammar: {error}") from error
+        raise ValueError(f"unknown structured output kind {kind!r}")
+
+    def constraint(self, compiled: xgrammar.CompiledGrammar) -> GrammarConstraint:
+        return GrammarConstraint(compiled, self.vocab_size)
