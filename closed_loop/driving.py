@@ -218,7 +218,8 @@ def collect(scenario: str, episodes: int, seed: int, out: str | Path) -> list[Pa
     names = parse_scenarios(scenario)
     seeds = episode_seeds(episodes, seed, list(SPLITS.values()), "Demonstration")
     split = next(name for name, seed_range in SPLITS.items() if seeds[0] in seed_range)
-    paths = []
+    # Every scenario is driven before any file is written: a failure leaves no partial set of files.
+    collected = {}
     for name in names:
         env, policy, records = make_env(get_scenario(name)), make_policy("expert"), []
         for episode_seed in tqdm(seeds, desc=f"Collecting {name}", unit="episode"):
@@ -226,7 +227,9 @@ def collect(scenario: str, episodes: int, seed: int, out: str | Path) -> list[Pa
         env.close()
         for row in records:
             row["scenario"] = name
-        dataset = datasets.Dataset.from_list(records, features=RECORD_FEATURES)
+        collected[name] = datasets.Dataset.from_list(records, features=RECORD_FEATURES)
+    paths = []
+    for name, dataset in collected.items():
         path = Path(out) / split / f"{name}-seeds-{seeds[0]}-{seeds[-1]}.parquet"
         write_atomically(path, dataset.to_parquet)
         paths.append(path)
