@@ -323,7 +323,9 @@ def evaluate(
         raise ValueError(f"--json {json_path} is a folder; give a file path.")
     outcomes = []
     seeds = list(range(seed, seed + episodes))
-    with tqdm(total=len(names) * episodes, desc=f"evaluating {model}", unit="episode") as progress:
+    with tqdm(
+        total=len(names) * episodes, desc=f"evaluating {model}{' (image blanked)' if blind else ''}", unit="episode"
+    ) as progress:
         for task in names:
             video = Path(video_folder) / f"{task}.mp4" if video_folder else None
             outcomes += run_episodes(policy, task, seeds, setting, max_steps, video, progress)
