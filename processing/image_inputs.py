@@ -27,6 +27,11 @@ ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
 
 def _file_image(source: str | bytes, name: str) -> PIL.Image.Image:
+    # A path to an image file that is not there (not a URL, nor base64, which never ends in ".png").
+    missing = isinstance(source, str) and not source.startswith(("http://", "https://", "data:image/"))
+    if missing and os.path.splitext(source)[1].lower() in PIL.Image.registered_extensions():
+        if not os.path.exists(source):
+            raise ValueError(f"{name}: no such file: {source}")
     try:
         if isinstance(source, bytes):
             image = PIL.Image.open(io.BytesIO(source))

@@ -81,3 +81,10 @@ def test_any_family_classifier_trains_on_a_users_labels(user_photos, tmp_path):
     model = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert model.config.id2label == {0: "none", 1: "one", 2: "many"}
     assert (tmp_path / "confusion_matrix.png").is_file() and "| fine-tuned |" in (tmp_path / "README.md").read_text()
+
+
+def test_a_missing_image_file_is_named(tmp_path):
+    from vlmheads.processing.image_inputs import open_image
+
+    with pytest.raises(ValueError, match=rf"images\[0\]: no such file: {tmp_path / 'photo.png'}$"):
+        open_image(str(tmp_path / "photo.png"), "images[0]")
