@@ -13,10 +13,11 @@ With `--hostile_seconds S`, a hostile load run follows: `hostile_clients` client
 streams abandoned after their first token, and one client sending bad inputs throughout (malformed and out-of-range
 bodies, oversized images, non-finite driving values); the 5xx answers to good and to bad requests, and the server's
 RSS before and after. With `--image_memory`, a server that admits 4096x4096 images decodes six concurrent requests
-of four 4096x4096 RGBA PNGs; its RSS before, at the peak and after.
+of four 4096x4096 RGBA PNGs; its RSS before, at the peak and after. With `--structured_output`, the time per token
+of requests with a `guided_regex` beside unconstrained ones.
 
     python benchmarks/bench_serve.py                      # the BENCHMARKS.md configuration
-    python benchmarks/bench_serve.py --hostile_seconds 60 --hostile_clients 64 --image_memory
+    python benchmarks/bench_serve.py --hostile_seconds 60 --hostile_clients 64 --image_memory --structured_output
     python benchmarks/bench_serve.py --model outputs/orion_demo
 """
 
@@ -52,6 +53,9 @@ class BenchmarkArguments:
     hostile_seconds: float = field(default=0.0, metadata={"help": "Length of the hostile load run (0: none)."})
     hostile_clients: int = field(default=64, metadata={"help": "Clients of the hostile load run."})
     image_memory: bool = field(default=False, metadata={"help": "Measure RSS around six 4x4096^2 RGBA requests."})
+    structured_output: bool = field(
+        default=False, metadata={"help": "Time per token with a guided_regex beside unconstrained requests."}
+    )
 
 
 def free_port() -> int:
@@ -196,6 +200,39 @@ def main() -> None:
         hostile_load(args)
     if args.image_memory:
         image_memory(args)
+    if args.structured_output:
+        structured_output(args)
+
+
+def structured_output(args: BenchmarkArguments) -> None:
+    """Sequential greedy requests, alternately unconstrained and with a guided_regex: seconds per completion token."""
+    process, base_url = start_server(args)
+    pattern = "[a-z]+( [a-z]+)*"
+    per_token: dict[str, list[float]] = {"unconstrained": [], "guided_regex": []}
+    try:
+        with httpx.Client(timeout=300) as http:
+            for index in range(2 * args.requests + 2):
+                body = chat_request(index // 2, args.max_tokens, image=False, stream=False)
+                kind = "guided_regex" if index % 2 else "unconstrained"
+                if index % 2:
+                    body["guided_regex"] = pattern
+                status, tokens, latency = send(http, base_url, body)
+                if index >= 2 and status == 200 and tokens:
+                    per_token[kind].append(latency / tokens)
+    finally:
+        process.terminate()
+        process.wait(60)
+    unconstrained = statistics.median(per_token["unconstrained"])
+    constrained = statistics.median(per_token["guided_regex"])
+    print()
+    print(f"Structured output: {args.requests} greedy requests each way, alternating, guided_regex {pattern!r}")
+    print()
+    print("| requests | median ms per token |")
+    print("|---|---|")
+    print(f"| unconstrained | {unconstrained * 1000:.2f} |")
+    print(f"| guided_regex | {constrained * 1000:.2f} |")
+    print()
+    print(f"structured / unconstrained per token: {constrained / unconstrained:.2f}x")
 
 
 def rss_mib(process: subprocess.Popen) -> float:

@@ -160,9 +160,10 @@ def _constrained(sampler: RequestSampler, logits: torch.Tensor) -> int | Samplin
     allowed = logits.clone()
     try:
         sampler.constraint.mask(allowed)
-        if not torch.isfinite(allowed.max()):
+        best, best_token = allowed.max(dim=0)
+        if not torch.isfinite(best):
             return SamplingError("the requested format allows no token here.")
-        token = int(allowed.argmax()) if sampler.params.greedy else _draw(sampler, allowed)
+        token = int(best_token) if sampler.params.greedy else _draw(sampler, allowed)
         if isinstance(token, int):
             sampler.constraint.accept(token)
         return token
