@@ -6,6 +6,7 @@ subcommand needs only its own extra installed.
 """
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
@@ -50,4 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vlmheads: unknown subcommand {name!r}.\n{usage()}")
     module, function, _ = SUBCOMMANDS[name]
     sys.argv = [f"vlmheads {name}", *rest]
-    getattr(importlib.import_module(module), function)()
+    try:
+        getattr(importlib.import_module(module), function)()
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # Bad input and a missing extra are the user's to fix: one line that names them, not a traceback.
+        if os.environ.get("VLMHEADS_TRACEBACK"):
+            raise
+        sys.exit(f"vlmheads {name}: error: {error} (VLMHEADS_TRACEBACK=1 shows the traceback)")
