@@ -1,7 +1,17 @@
-"""Pipeline-parallel inference: a Qwen2-VL / Qwen2.5-VL (or Orion) model split into stages, one process each."""
+"""Pipeline-parallel inference: a decoder-only VLM (or a vlmheads head on one) whose family the table declares
+`pipeline_splittable`, split into stages, one process each."""
 
 from .engine import PipelineEngine
 from .runtime import StageFailure
-from .stages import StageModel, StagePlan, load_stage_model, make_plan, prepare
+from .stages import PlanError, StageModel, StagePlan, load_stage_model, make_plan, prepare
 
-__all__ = ["PipelineEngine", "StageFailure", "StageModel", "StagePlan", "load_stage_model", "make_plan", "prepare"]
+__all__ = [
+    "PipelineEngine",
+    "PlanError",
+    "StageFailure",
+    "StageModel",
+    "StagePlan",
+    "load_stage_model",
+    "make_plan",
+    "prepare",
+]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib
 import json
 import os
 import secrets
@@ -74,10 +75,10 @@ def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
 def parse_run_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="torchrun --standalone --nproc-per-node N -m vlmheads.parallel",
-        description=__doc__.splitlines()[0],
-        epilog="Write per-stage shards first with `python -m vlmheads.parallel prepare --model DIR --stages N --out "
-        "SHARDS` (see `python -m vlmheads.parallel prepare --help`). The prompts file formats are in the module "
-        "docstring: `python -c 'import vlmheads.parallel.__main__ as m; print(m.__doc__)'`.",
+        # The module docstring: the commands (`prepare` first), and the prompts file formats.
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`python -m vlmheads.parallel prepare --help`: the options of `prepare`.",
     )
     parser.add_argument("--model", required=True, help="A prepared folder, or a saved model folder.")
     parser.add_argument("--stages", type=int, default=None, help="Must equal the world size (default: it).")
@@ -158,6 +159,10 @@ def run(args: argparse.Namespace) -> None:
     stage = StageModel(model.to(device), plan, rank)
     # Everything slow happens before the stages meet: from then on, a silent stage counts as failed.
     processor = _load_processor(args.model, args.trust_remote_code) if rank == 0 else None
+    if rank == 0 and args.prompts is None:
+        # The server needs fastapi and uvicorn (the `serve` extra); the batch mode does not. Imported now: a long
+        # import once the stages meet would read as a silent stage.
+        importlib.import_module("..serve.app", __package__)
     if rank == 0 and args.prompts is None and processor is None:
         raise ValueError(f"Serving needs the model's processor; {args.model} holds none.")
     layouts = [None] * world_size
@@ -207,7 +212,6 @@ def run(args: argparse.Namespace) -> None:
     if args.prompts is not None:
         run_batch(engine, Path(args.prompts), Path(args.output))
     else:
-        # The server needs fastapi and uvicorn (the `serve` extra); the batch mode does not.
         from ..serve.app import ServerTimeouts, serve
 
         timeouts = (

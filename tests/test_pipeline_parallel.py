@@ -619,7 +619,7 @@ def test_served_pipeline_answers_as_the_single_process_server_then_fails_fast_wh
 
     with served(LocalEngine(model, processor, model_id="tiny")) as base_url:
         expected, expected_waypoints = answers(base_url)
-    timeout = 3.0
+    timeout = 5.0
     stopped_pid = None
     with pipeline_server(folder, "--layers", "2,1", "--timeout", str(timeout)) as (base_url, process, lines):
         try:
