@@ -43,7 +43,7 @@ from vlm_helpers import (
 )
 
 from vlmheads import VLMForImageClassification, VLMForTrajectory
-from vlmheads.parallel.__main__ import parse_run_args
+from vlmheads.parallel.__main__ import main, parse_run_args
 from vlmheads.parallel.engine import PipelineEngine
 from vlmheads.parallel.stages import (
     PLAN_FILE,
@@ -156,9 +156,10 @@ def test_prepare_writes_each_stage_only_its_slice(saved_models, tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared_llava(llava_folder, tmp_path_factory):
+    """The tiny LLaVA prepared for 2 stages by the command line, as the README runs it."""
     folder, _, _ = llava_folder
     out = tmp_path_factory.mktemp("prepared-llava")
-    prepare(folder, out, num_stages=2)
+    main(["prepare", "--model", str(folder), "--stages", "2", "--out", str(out)])
     return out
 
 
