@@ -203,6 +203,9 @@ def session_options(threads: int) -> ort.SessionOptions:
 # Peak RSS of the ONNX Runtime engines, measured where torch is never imported (as a deployment would run them).
 ONNX_RSS_SCRIPT = """
 import json, sys
+# As on a host without them: importing vlmheads would otherwise pull in transformers and, through it, torch.
+sys.modules["torch"] = None
+sys.modules["transformers"] = None
 from pathlib import Path
 import numpy as np
 import onnxruntime as ort
@@ -223,7 +226,6 @@ else:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     OnnxVLM(work / "onnx", session_options=options, decoder=graph).generate(prompt, max_new_tokens=new_tokens)
-assert "torch" not in sys.modules
 status = Path("/proc/self/status").read_text()
 print(json.dumps({"peak_rss_bytes": 1024 * int(status.split("VmHWM:")[1].split()[0])}))
 """
