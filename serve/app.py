@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from ..modeling.capabilities import backbone_config_of
 from ..processing.processing_driving_placeholders import DRIVING_FEATURES
@@ -939,9 +939,10 @@ class ServerTimeouts:
     shutdown: float = 30.0
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a header timeout: uvicorn times out idle keep-alive connections only after a
-    first response, so a client that connects and never completes a request head would hold its connection forever."""
+class HeaderTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol (httptools where installed, else h11, as uvicorn picks), plus a header timeout:
+    uvicorn times out idle keep-alive connections only after a first response, so a client that connects and never
+    completes a request head would hold its connection forever."""
 
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -1001,7 +1002,7 @@ def uvicorn_server(
         port=port,
         log_level=log_level,
         access_log=False,
-        http=functools.partial(HeaderTimeoutH11Protocol, header_timeout=timeouts.header),
+        http=functools.partial(HeaderTimeoutProtocol, header_timeout=timeouts.header),
         timeout_keep_alive=timeouts.keep_alive,
         timeout_graceful_shutdown=timeouts.shutdown + SHUTDOWN_GRACE_S,
     )
