@@ -72,7 +72,7 @@ def start_server(args: BenchmarkArguments, *extra: str) -> tuple[subprocess.Pope
         command += ["--model", args.model]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"The server exited with {process.returncode}.")
@@ -82,7 +82,7 @@ def start_server(args: BenchmarkArguments, *extra: str) -> tuple[subprocess.Pope
         except httpx.TransportError:
             time.sleep(0.2)
     process.kill()
-    raise TimeoutError("The server did not start within 300 s.")
+    raise TimeoutError("The server did not start within 900 s.")
 
 
 def camera_url(seed: int) -> str:
