@@ -659,9 +659,10 @@ def test_classify_through_a_torchrun_pipeline_answers_as_the_single_process_serv
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_drains_the_open_streams_then_stops_the_stages(saved_models):
-    """SIGTERM to torchrun (which passes it to every process): the open streams still run to their end, as with the
-    single-process server; then rank 0 stops the stages and everything exits."""
+@pytest.mark.parametrize("target", ["torchrun", "rank 0"])
+def test_sigterm_drains_the_open_streams_then_stops_the_stages(saved_models, target):
+    """SIGTERM to torchrun (which passes it to every process) or to rank 0 alone: the open streams still run to
+    their end, as with the single-process server; then rank 0 stops the stages and everything exits."""
     folder, _, _ = saved_models("qwen2_vl")
     with pipeline_server(folder) as (base_url, process, lines):
         started = threading.Semaphore(0)
@@ -689,7 +690,10 @@ def test_sigterm_to_torchrun_drains_the_open_streams_then_stops_the_stages(saved
             thread.start()
         for _ in threads:
             assert started.acquire(timeout=120), "".join(lines)[-3000:]
-        process.send_signal(signal.SIGTERM)
+        if target == "torchrun":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.kill(int(re.search(r"stage 0/2 \(rank 0, pid (\d+)\)", "".join(lines)).group(1)), signal.SIGTERM)
         for thread in threads:
             thread.join(120)
         process.wait(90)
