@@ -37,11 +37,10 @@ from vlmheads.closed_loop.driving import (
     TRAINING_SEEDS,
     VALIDATION_SEEDS,
     collect,
-    drive_episode,
     evaluate,
     parse_scenarios,
+    save_video,
 )
-from vlmheads.closed_loop.driving_env import get_scenario, make_env
 from vlmheads.closed_loop.driving_metrics import AGGREGATES, EpisodeOutcome, aggregate
 from vlmheads.closed_loop.driving_policies import CONSTANT_VELOCITY, EXPERT, TrajectoryModelPolicy
 from vlmheads.closed_loop.driving_records import COMMANDS, NUM_HISTORY_QUERIES, NUM_SCENE_QUERIES
@@ -243,16 +242,8 @@ def plot(path: Path, names: list[str], results: dict, l2: dict[str, dict[str, fl
 
 def videos(folder: Path, names: list[str], seed: int, out: Path) -> list[Path]:
     """One GIF per scenario of the model in `folder` driving the first evaluation seed, its plans drawn in red."""
-    out.mkdir(parents=True, exist_ok=True)
-    policy, paths = TrajectoryModelPolicy(folder), []
-    for name in names:
-        env = make_env(get_scenario(name))
-        frames = drive_episode(env, name, seed, policy, video=True).frames
-        env.close()
-        path = out / f"{folder.name}-{name}.gif"
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
-        paths.append(path)
-    return paths
+    policy = TrajectoryModelPolicy(folder)
+    return [save_video(policy, name, seed, out / f"{folder.name}-{name}.gif") for name in names]
 
 
 def main() -> None:

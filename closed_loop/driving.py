@@ -173,6 +173,18 @@ def drive_episode(
     return Rollout(outcome, records, frames)
 
 
+def save_video(policy: Any, scenario_name: str, seed: int, path: str | Path, frame_ms: int = 250) -> Path:
+    """Drives one episode of `scenario_name` on `seed` with `policy` and saves it as a GIF at `path`: the camera
+    frames enlarged, each with the waypoints planned at that step drawn in red (`draw_plan`); returns the path."""
+    env = make_env(get_scenario(scenario_name))
+    frames = drive_episode(env, scenario_name, seed, policy, video=True).frames
+    env.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return path
+
+
 def parse_scenarios(scenario: str) -> list[str]:
     """`all`, one scenario name, or several separated by commas: the checked list of names."""
     names = list(SCENARIOS) if scenario == ALL_SCENARIOS else [name.strip() for name in scenario.split(",")]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from highway_env.road.road import Road, RoadNetwork
 from highway_env.vehicle.kinematics import Vehicle
+from PIL import Image
 from transformers import Qwen2VLConfig
 
 from vlmheads.closed_loop._headless import SIM_EXTRA_HINT, import_simulator
@@ -19,6 +20,7 @@ from vlmheads.closed_loop.driving import (
     drive_episode,
     evaluate,
     main,
+    save_video,
 )
 from vlmheads.closed_loop.driving_env import (
     IMAGE_HEIGHT,
@@ -247,3 +249,11 @@ def test_the_expert_completes_an_intersection_route():
     env = make_env(get_scenario("intersection"))
     expert = drive_episode(env, "intersection", EVALUATION_SEEDS.start, ExpertPolicy()).outcome
     assert expert.route_completion == 1.0 and not expert.collision and expert.success
+
+
+def test_save_video_draws_each_plan_in_red(tmp_path):
+    path = save_video(ConstantVelocityPolicy(), "intersection", EVALUATION_SEEDS.start, tmp_path / "cv.gif")
+    gif = Image.open(path)
+    assert gif.n_frames > 1 and gif.size == (IMAGE_WIDTH * 4, IMAGE_HEIGHT * 4)
+    pixels = np.asarray(gif.convert("RGB"))
+    assert np.all(pixels[..., :] == (230, 30, 30), axis=-1).sum() > 0
