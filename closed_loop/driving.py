@@ -173,16 +173,21 @@ def drive_episode(
     return Rollout(outcome, records, frames)
 
 
-def save_video(policy: Any, scenario_name: str, seed: int, path: str | Path, frame_ms: int = 250) -> Path:
+def save_gif(frames: list[Image.Image], path: str | Path, frame_ms: int = 250) -> Path:
+    """Writes `frames` (`drive_episode(..., video=True).frames`) as a looping GIF at `path`; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return path
+
+
+def save_video(policy: Any, scenario_name: str, seed: int, path: str | Path) -> Path:
     """Drives one episode of `scenario_name` on `seed` with `policy` and saves it as a GIF at `path`: the camera
     frames enlarged, each with the waypoints planned at that step drawn in red (`draw_plan`); returns the path."""
     env = make_env(get_scenario(scenario_name))
     frames = drive_episode(env, scenario_name, seed, policy, video=True).frames
     env.close()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    return path
+    return save_gif(frames, path)
 
 
 def parse_scenarios(scenario: str) -> list[str]:
@@ -249,13 +254,19 @@ def collect(scenario: str, episodes: int, seed: int, out: str | Path) -> list[Pa
 
 
 def evaluate(
-    model: str | Path | Any, scenario: str, episodes: int, seed: int, json_path: str | Path | None = None
+    model: str | Path | Any,
+    scenario: str,
+    episodes: int,
+    seed: int,
+    json_path: str | Path | None = None,
+    video_folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Drives `episodes` episodes per scenario on `EVALUATION_SEEDS` from `seed` with `model` ("expert",
     "constant-velocity", a trajectory model folder, or a policy object) and returns the figures: the aggregates
     `collision_rate`, `success_rate`, `route_completion`, `driving_score` over all episodes, `episodes` (one dict
     per episode), `num_episodes`, `per_scenario` aggregates and the `penalties` used. Written as JSON to
-    `json_path` when given."""
+    `json_path` when given. With `video_folder`, the first episode of each scenario is also saved there as
+    `<scenario>.gif`, the plans drawn (`save_video`)."""
     names = parse_scenarios(scenario)
     seeds = episode_seeds(episodes, seed, [EVALUATION_SEEDS], "Evaluation")
     if json_path is not None and Path(json_path).is_dir():
@@ -265,7 +276,11 @@ def evaluate(
     for name in names:
         env = make_env(get_scenario(name))
         for episode_seed in tqdm(seeds, desc=f"{policy.name} on {name}", unit="episode"):
-            outcomes.append(drive_episode(env, name, episode_seed, policy).outcome)
+            filmed = video_folder is not None and episode_seed == seeds[0]
+            rollout = drive_episode(env, name, episode_seed, policy, video=filmed)
+            if filmed:
+                save_gif(rollout.frames, Path(video_folder) / f"{name}.gif")
+            outcomes.append(rollout.outcome)
         env.close()
     figures = {
         "model": policy.name,

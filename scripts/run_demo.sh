@@ -7,3 +7,5 @@ echo "== Setup: .venv with torch and vlmheads"
 bash scripts/setup.sh
 echo "== Orion demo: fine-tuning a tiny Orion on the synthetic driving set (examples/train_orion.py)"
 .venv/bin/python examples/train_orion.py --overwrite_output_dir "$@"
+echo "== Closed-loop demo: a tiny Orion planner trained on highway-env expert drives held-out seeds (examples/demo_closed_loop.py)"
+.venv/bin/python examples/demo_closed_loop.py

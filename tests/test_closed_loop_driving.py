@@ -251,9 +251,20 @@ def test_the_expert_completes_an_intersection_route():
     assert expert.route_completion == 1.0 and not expert.collision and expert.success
 
 
-def test_save_video_draws_each_plan_in_red(tmp_path):
-    path = save_video(ConstantVelocityPolicy(), "intersection", EVALUATION_SEEDS.start, tmp_path / "cv.gif")
+def assert_a_gif_with_red_plans(path):
     gif = Image.open(path)
     assert gif.n_frames > 1 and gif.size == (IMAGE_WIDTH * 4, IMAGE_HEIGHT * 4)
-    pixels = np.asarray(gif.convert("RGB"))
-    assert np.all(pixels[..., :] == (230, 30, 30), axis=-1).sum() > 0
+    assert np.all(np.asarray(gif.convert("RGB")) == (230, 30, 30), axis=-1).sum() > 0
+
+
+def test_save_video_draws_each_plan_in_red(tmp_path):
+    assert_a_gif_with_red_plans(
+        save_video(ConstantVelocityPolicy(), "intersection", EVALUATION_SEEDS.start, tmp_path / "cv.gif")
+    )
+
+
+def test_evaluate_films_the_first_episode_of_each_scenario(tmp_path):
+    figures = evaluate(ConstantVelocityPolicy(), "intersection", 2, EVALUATION_SEEDS.start, video_folder=tmp_path)
+    assert figures["num_episodes"] == 2
+    assert [path.name for path in tmp_path.iterdir()] == ["intersection.gif"]
+    assert_a_gif_with_red_plans(tmp_path / "intersection.gif")
