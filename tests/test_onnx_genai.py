@@ -5,13 +5,13 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime_genai as og
 import pytest
 from onnx_helpers import tiny_export, tiny_model_and_processor
 
 from vlmheads.onnx_export import OnnxVLM
 from vlmheads.onnx_export.genai import GENAI_CONFIG, GENAI_DECODER, export_genai
 
-og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the genai extra) is not installed")
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 10
 
