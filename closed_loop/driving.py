@@ -324,12 +324,13 @@ def main(argv: list[str] | None = None) -> None:
         help=f"first seed, in [{EVALUATION_SEEDS.start}, {EVALUATION_SEEDS.stop})",
     )
     judge.add_argument("--json", required=True, help="where to write the figures")
+    judge.add_argument("--videos", default=None, help="folder for a GIF of the first episode per scenario")
     args = parser.parse_args(argv)
     if args.command == "collect":
         for path in collect(args.scenario, args.episodes, args.seed, args.out):
             print(f"Wrote {path}")
         return
-    figures = evaluate(args.model, args.scenario, args.episodes, args.seed, args.json)
+    figures = evaluate(args.model, args.scenario, args.episodes, args.seed, args.json, args.videos)
     print(json.dumps({name: figures[name] for name in ("model", *AGGREGATES, "num_episodes")}))
 
 

@@ -264,7 +264,11 @@ def test_save_video_draws_each_plan_in_red(tmp_path):
 
 
 def test_evaluate_films_the_first_episode_of_each_scenario(tmp_path):
-    figures = evaluate(ConstantVelocityPolicy(), "intersection", 2, EVALUATION_SEEDS.start, video_folder=tmp_path)
-    assert figures["num_episodes"] == 2
-    assert [path.name for path in tmp_path.iterdir()] == ["intersection.gif"]
-    assert_a_gif_with_red_plans(tmp_path / "intersection.gif")
+    videos, path = tmp_path / "videos", tmp_path / "figures.json"
+    main(
+        ["evaluate", "--model", "constant-velocity", "--scenario", "intersection", "--episodes", "2"]
+        + ["--json", str(path), "--videos", str(videos)]
+    )
+    assert json.loads(path.read_text())["num_episodes"] == 2
+    assert [file.name for file in videos.iterdir()] == ["intersection.gif"]
+    assert_a_gif_with_red_plans(videos / "intersection.gif")
