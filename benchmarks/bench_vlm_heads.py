@@ -1,4 +1,5 @@
-"""Cost of the registry and of the generic heads, per family, at each family's tiny offline configuration.
+"""Cost of the registry and of the generic heads, per family, at each family's tiny offline configuration and at its
+real widths.
 
 1. `encode_images` + forward through `create_vlm`'s model against the same transformers model called directly (its
    image processor, then `get_image_features` or, for Mllama, the vision model and the projector; then the same
@@ -9,8 +10,15 @@
    placeholders, the `"mlp"` head) against `backbone(**inputs)`. Goal: ratio ≤ 1.05.
 All variants alternate every repeat in one process; figures are medians.
 
+`--widths real` builds each family at the widths of its checkpoint's public config (`offline/public_configs/`: text
+and vision hidden, intermediate, attention heads, head and projector sizes, text rope parameters) with the tiny
+configuration's depth (2 decoder layers, 2 vision blocks), vocabulary and image geometry, so the tiny processor
+still fits; random weights. `--widths both` runs the tiny and the real configuration of each family one after the
+other in the same process.
+
     python benchmarks/bench_vlm_heads.py                  # the BENCHMARKS.md figures (CPU)
     python benchmarks/bench_vlm_heads.py --families llava qwen2-vl --repeats 50
+    python benchmarks/bench_vlm_heads.py --widths both --repeats 10
 """
 
 import re
@@ -23,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PretrainedConfig
 
 from vlmheads import (
     DrivingPlaceholders,
@@ -35,10 +43,32 @@ from vlmheads import (
     tiny_vlm_config,
 )
 from vlmheads.modeling.families import VLM_FAMILIES, family_of, get_module
+from vlmheads.offline.configs import public_config
+from vlmheads.registry.vlms import resolve_vlm
 
 TINY_DIR = Path(__file__).resolve().parents[1] / "offline" / "tiny"
 # π0 is an action model without a text forward to compare against.
 ACTION_MODELS = {"pi0"}
+WIDTHS = ("tiny", "real", "both")
+# Width attributes copied from the public config onto the tiny one's (sub-)configurations, where both have them.
+WIDTH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "embed_dim",
+    "num_heads",
+    "mlp_ratio",
+    "out_hidden_size",
+    "attention_heads",
+    "projection_dim",
+    "d_model",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+)
 
 
 @dataclass
@@ -48,6 +78,13 @@ class BenchmarkArguments:
     warmup: int = field(default=3)
     batch_size: int = field(default=2)
     threads: int = field(default=0, metadata={"help": "torch threads; 0 keeps torch's default."})
+    widths: str = field(
+        default="tiny", metadata={"help": "tiny (hidden 64), real (the public config's widths, tiny depth) or both."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.widths not in WIDTHS:
+            raise ValueError(f"--widths must be one of {WIDTHS}, got {self.widths!r}.")
 
 
 def tiny_families() -> list[str]:
@@ -56,6 +93,42 @@ def tiny_families() -> list[str]:
         for name in VLM_FAMILIES
         if name not in ACTION_MODELS and (TINY_DIR / f"{re.sub(r'[^a-z0-9]+', '_', name)}.py").is_file()
     )
+
+
+def _copy_widths(target: PretrainedConfig, source: PretrainedConfig) -> None:
+    for key in WIDTH_KEYS:
+        value, current = getattr(source, key, None), getattr(target, key, None)
+        if value is None or current is None:
+            continue
+        if isinstance(current, list) and len(current) != len(value):
+            raise ValueError(f"{key}: the tiny config has {len(current)} stages, the public one {len(value)}.")
+        setattr(target, key, value)
+
+
+def real_width_config(name: str, tiny: PretrainedConfig) -> PretrainedConfig:
+    """`tiny` with the widths of `name`'s checkpoint's public config; depth, vocabulary and image geometry stay."""
+    _, checkpoint = resolve_vlm(name)
+    real = tiny.__class__.from_dict(public_config(checkpoint))
+    config = tiny.__class__.from_dict(tiny.to_dict())
+    _copy_widths(config, real)
+    text, real_text = config.get_text_config(), real.get_text_config()
+    if text is not config:
+        _copy_widths(text, real_text)
+    if getattr(real_text, "rope_parameters", None) is not None:
+        text.rope_parameters = real_text.rope_parameters
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        _copy_widths(vision, real.vision_config)
+        if getattr(vision, "intermediate_layers_indices", None) is not None:
+            # Mllama's vision output stacks the last layer and the chosen intermediate ones.
+            vision.vision_output_dim = vision.hidden_size * (len(vision.intermediate_layers_indices) + 1)
+    return config.__class__.from_dict(config.to_dict())
+
+
+def family_config(name: str, processor, width: str) -> PretrainedConfig:
+    """The tiny configuration matching `processor`, at the tiny or the real widths."""
+    tiny = tiny_vlm_config(name, processor=processor)
+    return tiny if width == "tiny" else real_width_config(name, tiny)
 
 
 def images(count: int) -> list[Image.Image]:
@@ -93,9 +166,9 @@ def median_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) 
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
-def bench_family(name: str, args: BenchmarkArguments) -> dict[str, float]:
+def bench_family(name: str, args: BenchmarkArguments, width: str) -> dict[str, float]:
     processor = load_processor(name, tiny=True)
-    model = create_vlm(name, tiny=True)
+    model = create_vlm(name, config=family_config(name, processor, width))
     pictures = images(args.batch_size)
     batch = dict(
         processor(
@@ -107,7 +180,7 @@ def bench_family(name: str, args: BenchmarkArguments) -> dict[str, float]:
     )
     batch.pop("labels", None)
     placeholders = DrivingPlaceholders(load_processor(name, tiny=True), num_scene_queries=4, num_history_queries=4)
-    config = tiny_vlm_config(name, processor=placeholders.processor)
+    config = family_config(name, placeholders.processor, width)
     text_config = config.get_text_config()
     text_config.vocab_size = max(text_config.vocab_size, len(placeholders.processor.tokenizer))
     driving_backbone = create_vlm(name, config=config)
@@ -162,6 +235,7 @@ def bench_family(name: str, args: BenchmarkArguments) -> dict[str, float]:
         "classification vision": heads["classification_vision"],
         "driving backbone": driving_times["backbone"],
         "trajectory": driving_times["trajectory"],
+        "text hidden": model.config.get_text_config().hidden_size,
     }
 
 
@@ -171,14 +245,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
-        "| family | encode + forward: registry / direct ms | ratio | backbone ms | classifier (multimodal) ms | ratio "
+        "| family | widths (text hidden) | encode + forward: registry / direct ms | ratio | backbone ms "
+        "| classifier (multimodal) ms | ratio "
         "| classifier (vision) ms | driving backbone ms | trajectory ms | ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.families or tiny_families():
-        t = bench_family(name, args)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    widths = ("tiny", "real") if args.widths == "both" else (args.widths,)
+    for name, width in ((name, width) for name in args.families or tiny_families() for width in widths):
+        t = bench_family(name, args, width)
         print(
-            f"| {name} | {t['encode+forward registry']:.2f} / {t['encode+forward direct']:.2f} "
+            f"| {name} | {width} ({t['text hidden']}) "
+            f"| {t['encode+forward registry']:.2f} / {t['encode+forward direct']:.2f} "
             f"| {t['encode+forward registry'] / t['encode+forward direct']:.3f} | {t['backbone']:.2f} "
             f"| {t['classification multimodal']:.2f} | {t['classification multimodal'] / t['backbone']:.3f} "
             f"| {t['classification vision']:.2f} | {t['driving backbone']:.2f} | {t['trajectory']:.2f} "
