@@ -111,7 +111,7 @@ def test_a_non_image_file_is_a_clear_error(processor, tmp_path):
     path.write_text("not an image")
     with pytest.raises(ValueError, match=r"images\[1\] = '.*notes.png' is not a readable image file"):
         processor(images=[photo(0), str(path)])
-    with pytest.raises(ValueError, match=r"images\[0\] = '.*missing.png' is not a readable image file"):
+    with pytest.raises(ValueError, match=r"images\[0\]: no such file: .*missing.png"):
         processor(images=[tmp_path / "missing.png"])
 
 
