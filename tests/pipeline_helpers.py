@@ -1,6 +1,7 @@
 """Tiny Orion and LLaVA models saved for the pipeline tests, their prompts and reference tokens, and a torchrun
 launcher."""
 
+import contextlib
 import json
 import os
 import signal
@@ -95,6 +96,16 @@ def torchrun_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def kill_torchrun(process: subprocess.Popen) -> None:
+    """Kills torchrun and every stage: torchrun starts each stage in a session of its own, so killing torchrun's
+    process group alone leaves the stages running."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    stages = children.read_text().split() if children.exists() else []
+    for pid in [process.pid, *map(int, stages)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def run_torchrun(num_stages: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Runs torchrun to its end, in a session of its own: past `timeout` every stage is killed, not only torchrun."""
     command = torchrun_command(num_stages, *args)
@@ -104,7 +115,7 @@ def run_torchrun(num_stages: int, *args: str, timeout: float = 240) -> subproces
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_torchrun(process)
         process.communicate()
         raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

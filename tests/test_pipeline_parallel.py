@@ -21,6 +21,7 @@ import torch
 from orion_helpers import FAMILIES, camera_image
 from pipeline_helpers import (
     driving_inputs,
+    kill_torchrun,
     llava_inputs,
     pipeline_model,
     read_results,
@@ -569,8 +570,7 @@ def pipeline_server(folder, *args: str):
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}", process, lines
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_torchrun(process)
         process.wait(60)
         reader.join(10)
 
