@@ -7,8 +7,6 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from vlmheads.offline import tiny_orion_model, tiny_orion_processor
-
 EMBEDDED_MODEL_ID = "vlmheads-tiny-orion"
 EMBEDDED_SCENE_QUERIES, EMBEDDED_HISTORY_QUERIES = 8, 4
 
@@ -26,7 +24,10 @@ def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> t
 
 def embedded_tiny_model(seed: int = 0, backbone: str = "qwen2_vl") -> tuple[torch.nn.Module, Any]:
     """A tiny random Orion model (hidden 64, 2 layers, the real Qwen2-VL tokenizer; on Qwen2-VL unless `backbone`
-    says "qwen2_5_vl") and its processor, with 8 scene and 4 history queries; built in code, nothing downloaded."""
+    says "qwen2_5_vl") and its processor, with 8 scene and 4 history queries; built in code, nothing downloaded.
+    The offline builders are imported here, so that serving a saved folder never imports them."""
+    from ..offline import tiny_orion_model, tiny_orion_processor
+
     processor = tiny_orion_processor(
         backbone, num_scene_queries=EMBEDDED_SCENE_QUERIES, num_history_queries=EMBEDDED_HISTORY_QUERIES
     )

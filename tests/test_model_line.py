@@ -12,7 +12,14 @@ from orion_helpers import FAMILIES, driving_batch, small_model
 from remote_code_checks import run_without_vlmheads
 from transformers import AutoConfig
 
-from vlmheads import VLMClassificationConfig, VLMForImageClassification, VLMForTrajectory, create_vlm, tiny_vlm_config
+from vlmheads import (
+    VLMClassificationConfig,
+    VLMForImageClassification,
+    VLMForTrajectory,
+    create_vlm,
+    load_processor,
+    tiny_vlm_config,
+)
 from vlmheads.modeling.modeling_classifier import ClassifierMixin, VLMClassifierOutput
 from vlmheads.modeling.modeling_driving import DrivingHeadMixin
 from vlmheads.modeling.modeling_receipt_vl import ReceiptVLClassifier, ReceiptVLClassifierOutput
@@ -184,6 +191,33 @@ def test_model_side_code_imports_no_test_fixture_and_no_runtime():
                     assert target not in below, f"{path.relative_to(PACKAGE)} imports ..{node.module}"
                     if folder == "configuration":
                         assert target == "configuration", f"{path.relative_to(PACKAGE)} imports ..{node.module}"
+
+
+RUNTIME_MODULES = (
+    "vlmheads.serve.app",
+    "vlmheads.serve.__main__",
+    "vlmheads.parallel.__main__",
+    "vlmheads.onnx_export",
+    "vlmheads.closed_loop.driving",
+    "vlmheads.closed_loop.manipulation",
+    "vlmheads.cli",
+)
+
+
+def test_runtimes_serving_a_saved_folder_never_import_the_test_fixtures(tmp_path):
+    # `offline/` builds tiny test models; only the server's embedded demo model (no `--model`) may reach for it.
+    folder = tmp_path / "classifier"
+    VLMForImageClassification.from_backbone(create_vlm("paligemma", tiny=True), num_labels=2).save_pretrained(folder)
+    load_processor("paligemma", tiny=True).save_pretrained(folder)
+    imports = "; ".join(f"import {module}" for module in RUNTIME_MODULES)
+    code = (
+        f"import sys; {imports}; from vlmheads.serve.models import load_model_folder; "
+        f"load_model_folder({str(folder)!r}); "
+        "print(sorted(name for name in sys.modules if name.startswith('vlmheads.offline')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_one_quantized_loading_keeps_the_family_skip_list_and_the_head_in_full_precision(tmp_path):
