@@ -8,7 +8,8 @@ real widths.
    `VLMForImageClassification` (`pooling="multimodal"`: the backbone's hidden states + the head, no vocabulary
    projection; `pooling="vision"`: the image features only) and `VLMForTrajectory` (driving features spliced at
    placeholders, the `"mlp"` head) against `backbone(**inputs)`. Goal: ratio ≤ 1.05.
-All variants alternate every repeat in one process; figures are medians.
+All variants alternate every repeat in one process; times are medians, and each ratio is given twice: the ratio of
+the medians, and the median of the per-repeat ratios (the two runs of a repeat share the machine's state).
 
 `--widths real` builds each family at the widths of its checkpoint's public config (`offline/public_configs/`: text
 and vision hidden, intermediate, attention heads, head and projector sizes, text rope parameters) with the tiny
@@ -154,7 +155,9 @@ def direct_image_features(model, processor, pictures: list[Image.Image]) -> torc
     return model.model.get_image_features(**inputs).pooler_output
 
 
-def median_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+def timings(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each run per repeat; the runs alternate in order every repeat, so repeat i of each shares the
+    machine's state at that moment."""
     times = {name: [] for name in runs}
     for repeat in range(warmup + repeats):
         order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
@@ -163,10 +166,21 @@ def median_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) 
             runs[name]()
             if repeat >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def bench_family(name: str, args: BenchmarkArguments, width: str) -> dict[str, float]:
+def median_ms(times: list[float]) -> float:
+    return 1000 * statistics.median(times)
+
+
+def ratios(numerator: list[float], denominator: list[float]) -> str:
+    """`numerator / denominator` as the ratio of the medians and as the median of the per-repeat ratios."""
+    of_medians = statistics.median(numerator) / statistics.median(denominator)
+    of_pairs = statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+    return f"{of_medians:.3f} · {of_pairs:.3f}"
+
+
+def bench_family(name: str, args: BenchmarkArguments, width: str) -> dict[str, float | str]:
     processor = load_processor(name, tiny=True)
     model = create_vlm(name, config=family_config(name, processor, width))
     pictures = images(args.batch_size)
@@ -205,7 +219,7 @@ def bench_family(name: str, args: BenchmarkArguments, width: str) -> dict[str, f
     multimodal = VLMForImageClassification.from_backbone(model, num_labels=3, pooling="multimodal").eval()
     vision = VLMForImageClassification.from_backbone(model, num_labels=3, pooling="vision").eval()
     with torch.inference_mode():
-        registry = median_ms(
+        registry = timings(
             {
                 "registry": lambda: (encode_images(model, processor, pictures), model(**batch)),
                 "direct": lambda: (direct_image_features(model, processor, pictures), model(**batch)),
@@ -213,7 +227,7 @@ def bench_family(name: str, args: BenchmarkArguments, width: str) -> dict[str, f
             args.repeats,
             args.warmup,
         )
-        heads = median_ms(
+        heads = timings(
             {
                 "backbone": lambda: model(**batch),
                 "classification_multimodal": lambda: multimodal(**batch),
@@ -222,20 +236,23 @@ def bench_family(name: str, args: BenchmarkArguments, width: str) -> dict[str, f
             args.repeats,
             args.warmup,
         )
-        driving_times = median_ms(
+        driving_times = timings(
             {"backbone": lambda: driving_backbone(**plain_driving), "trajectory": lambda: trajectory(**driving)},
             args.repeats,
             args.warmup,
         )
     return {
-        "encode+forward registry": registry["registry"],
-        "encode+forward direct": registry["direct"],
-        "backbone": heads["backbone"],
-        "classification multimodal": heads["classification_multimodal"],
-        "classification vision": heads["classification_vision"],
-        "driving backbone": driving_times["backbone"],
-        "trajectory": driving_times["trajectory"],
         "text hidden": model.config.get_text_config().hidden_size,
+        "registry ms": median_ms(registry["registry"]),
+        "direct ms": median_ms(registry["direct"]),
+        "registry ratio": ratios(registry["registry"], registry["direct"]),
+        "backbone ms": median_ms(heads["backbone"]),
+        "classifier ms": median_ms(heads["classification_multimodal"]),
+        "classifier ratio": ratios(heads["classification_multimodal"], heads["backbone"]),
+        "vision classifier ms": median_ms(heads["classification_vision"]),
+        "driving backbone ms": median_ms(driving_times["backbone"]),
+        "trajectory ms": median_ms(driving_times["trajectory"]),
+        "trajectory ratio": ratios(driving_times["trajectory"], driving_times["backbone"]),
     }
 
 
@@ -245,21 +262,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
-        "| family | widths (text hidden) | encode + forward: registry / direct ms | ratio | backbone ms "
-        "| classifier (multimodal) ms | ratio "
-        "| classifier (vision) ms | driving backbone ms | trajectory ms | ratio |"
+        "| family | widths (text hidden) | encode + forward: registry / direct ms | ratio (medians · pairs) "
+        "| backbone ms | classifier (multimodal) ms | ratio (medians · pairs) "
+        "| classifier (vision) ms | driving backbone ms | trajectory ms | ratio (medians · pairs) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     widths = ("tiny", "real") if args.widths == "both" else (args.widths,)
     for name, width in ((name, width) for name in args.families or tiny_families() for width in widths):
         t = bench_family(name, args, width)
         print(
-            f"| {name} | {width} ({t['text hidden']}) "
-            f"| {t['encode+forward registry']:.2f} / {t['encode+forward direct']:.2f} "
-            f"| {t['encode+forward registry'] / t['encode+forward direct']:.3f} | {t['backbone']:.2f} "
-            f"| {t['classification multimodal']:.2f} | {t['classification multimodal'] / t['backbone']:.3f} "
-            f"| {t['classification vision']:.2f} | {t['driving backbone']:.2f} | {t['trajectory']:.2f} "
-            f"| {t['trajectory'] / t['driving backbone']:.3f} |",
+            f"| {name} | {width} ({t['text hidden']}) | {t['registry ms']:.2f} / {t['direct ms']:.2f} "
+            f"| {t['registry ratio']} | {t['backbone ms']:.2f} | {t['classifier ms']:.2f} | {t['classifier ratio']} "
+            f"| {t['vision classifier ms']:.2f} | {t['driving backbone ms']:.2f} | {t['trajectory ms']:.2f} "
+            f"| {t['trajectory ratio']} |",
             flush=True,
         )
 
