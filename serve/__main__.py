@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Run the code a model folder ships (needed only for model types vlmheads does not register).",
     )
+    parser.add_argument(
+        "--no-access-log",
+        "--disable-log-requests",
+        dest="access_log",
+        action="store_false",
+        help="Write no access line per request (logger vlmheads.serve.access, at INFO).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         limits=limits,
         log_level=args.log_level,
         timeouts=timeouts,
+        access_log=args.access_log,
     )
 
 

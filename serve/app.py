@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -40,6 +41,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from ..modeling.capabilities import backbone_config_of
 from ..processing.processing_driving_placeholders import DRIVING_FEATURES
 from ..processing.trajectory_request import TrajectoryRequestError
+from .access_log import REQUEST_ID_HEADER, AccessLogMiddleware, access_record, note_tokens
 from .engine import GenerationEngine, GenerationRequest, TokenEvent
 from .heads import (
     ROUTE_ACTIONS,
@@ -104,6 +106,11 @@ class ServerLimits:
     to at most that many pixels), else DEFAULT_MAX_IMAGE_PIXELS; `max_request_pixels` None means twice the image
     limit. An image whose header declares more pixels is refused before its pixels are decoded, unless it is a
     JPEG that PIL can decode at 1/2, 1/4 or 1/8 scale (`Image.draft`) to within the limit.
+
+    `processed_pixels`: the most pixels the processor resizes an image to (None: the processor's `max_pixels`, where
+    it declares one). An image of at least 4 times as many is decoded straight to a size nearer it, never below it:
+    JPEGs at 1/2, 1/4 or 1/8 scale (`Image.draft`), others reduced by a whole factor (`Image.reduce`) as soon as
+    they are decoded, so that a request's full-size images are not all held at once.
     """
 
     max_body_bytes: int = 16 * 2**20
@@ -112,12 +119,17 @@ class ServerLimits:
     max_image_pixels: int | None = None
     max_request_pixels: int | None = None
     body_timeout: float = 60.0
+    processed_pixels: int | None = None
 
     def resolved(self, processor: Any) -> ServerLimits:
         """These limits with the defaults that depend on the served processor filled in."""
-        image_pixels = self.max_image_pixels or processor_max_pixels(processor) or DEFAULT_MAX_IMAGE_PIXELS
+        processed_pixels = self.processed_pixels or processor_max_pixels(processor)
+        image_pixels = self.max_image_pixels or processed_pixels or DEFAULT_MAX_IMAGE_PIXELS
         return replace(
-            self, max_image_pixels=image_pixels, max_request_pixels=self.max_request_pixels or 2 * image_pixels
+            self,
+            max_image_pixels=image_pixels,
+            max_request_pixels=self.max_request_pixels or 2 * image_pixels,
+            processed_pixels=processed_pixels,
         )
 
 
@@ -129,6 +141,16 @@ def processor_max_pixels(processor: Any) -> int | None:
     if "max_pixels" not in declared:
         return None
     return int(image_processor.size["longest_edge"])
+
+
+def shrink_factor(pixels: int, target: int | None) -> int:
+    """The largest whole factor k by which an image of `pixels` can shrink on each side and still hold `target`
+    pixels (pixels / k**2 >= target); 1 when it cannot halve, or there is no target."""
+    return max(1, math.isqrt(pixels // target)) if target else 1
+
+
+#: Modes `Image.reduce` averages correctly (8-bit channels, or one 32-bit one); others are converted to RGB first.
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")
 
 
 class PixelBudget:
@@ -247,9 +269,12 @@ def decode_image_url(url: str, limits: ServerLimits, param: str, budget: PixelBu
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
+        # JPEG decodes straight to 1/2, 1/4 or 1/8 scale: the mildest of them within the limit, or a stronger one
+        # that still holds the processed size (PIL picks the strongest scale at least as large as asked).
+        reduction = shrink_factor(width * height, limits.processed_pixels)
         if width * height > max_pixels:
-            # JPEG decodes straight to 1/2, 1/4 or 1/8 scale: ask for the mildest of them within the limit.
-            reduction = next((k for k in (2, 4, 8) if width * height <= max_pixels * k * k), 8)
+            reduction = max(reduction, next((k for k in (2, 4, 8) if width * height <= max_pixels * k * k), 8))
+        if reduction > 1:
             image.draft("RGB", (width // reduction, height // reduction))
         if image.width * image.height > max_pixels:
             raise APIError(
@@ -262,6 +287,10 @@ def decode_image_url(url: str, limits: ServerLimits, param: str, budget: PixelBu
         if budget is not None:
             budget.spend(image.width * image.height, param)
         image.load()
+        reduction = shrink_factor(image.width * image.height, limits.processed_pixels)
+        if reduction > 1:
+            # The full-size pixels are freed here, not when the processor has resized every image of the request.
+            image = (image if image.mode in _REDUCIBLE_MODES else image.convert("RGB")).reduce(reduction)
     except APIError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
@@ -417,6 +446,18 @@ def cancel_choices(choices: list[ChoiceState]) -> None:
         choice.stream.cancel()
 
 
+def completion_tokens_of(choices: list[ChoiceState]) -> int:
+    """The tokens generated so far over all of a request's choices."""
+    return sum(len(choice.text.token_ids) for choice in choices)
+
+
+def end_stream(request: Request, choices: list[ChoiceState]) -> None:
+    """What a streamed chat response does however it ends: cancels its choices and counts their tokens into the
+    request's access record."""
+    cancel_choices(choices)
+    note_tokens(request, completion_tokens=completion_tokens_of(choices))
+
+
 class CancellingStreamingResponse(StreamingResponse):
     """A streaming response that runs `on_close` however it ends (done, or the client went away)."""
 
@@ -550,6 +591,7 @@ class Server:
             raise APIError(400, self.engine.generation_refusal, param="model", code="model_generates_no_text")
         inputs = await run_in_threadpool(self.chat_inputs, body)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        note_tokens(request, prompt_tokens=prompt_tokens)
         max_context = self.engine.max_context
         if prompt_tokens >= max_context:
             raise APIError(
@@ -609,7 +651,7 @@ class Server:
             chunks = self.stream_chunks(request, choices, completion_id, created, prompt_tokens, include_usage)
             return CancellingStreamingResponse(
                 chunks,
-                functools.partial(cancel_choices, choices),
+                functools.partial(end_stream, request, choices),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -617,7 +659,8 @@ class Server:
             await asyncio.gather(*(self.collect(request, choice) for choice in choices))
         finally:
             cancel_choices(choices)
-        completion_tokens = sum(len(choice.text.token_ids) for choice in choices)
+        completion_tokens = completion_tokens_of(choices)
+        note_tokens(request, completion_tokens=completion_tokens)
         response = ChatCompletionResponse(
             id=completion_id,
             created=created,
@@ -740,7 +783,7 @@ class Server:
             for task in waiting:
                 task.cancel()
         if include_usage:
-            completion_tokens = sum(len(choice.text.token_ids) for choice in choices)
+            completion_tokens = completion_tokens_of(choices)
             usage = Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
@@ -788,6 +831,7 @@ class Server:
         if self.engine.config.num_modes > 1:
             modes = output.trajectory_modes[0].float().tolist()
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        note_tokens(request, prompt_tokens=prompt_tokens)
         response = TrajectoryResponse(
             id=new_id("traj"),
             created=now(),
@@ -828,6 +872,7 @@ class Server:
             data.append(ClassificationData(index=index, label=label, probs=probs.tolist(), num_classes=len(probs)))
             if "input_ids" in inputs:
                 prompt_tokens += int(inputs["input_ids"].shape[1])
+        note_tokens(request, prompt_tokens=prompt_tokens)
         response = ClassificationResponse(
             id=new_id("classify"),
             created=now(),
@@ -858,6 +903,7 @@ class Server:
         except ValueError as error:
             raise APIError(400, str(error), code="invalid_value") from error
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        note_tokens(request, prompt_tokens=prompt_tokens)
         response = ActionResponse(
             id=new_id("act"),
             created=now(),
@@ -873,10 +919,12 @@ def create_app(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     close_engine_on_shutdown: bool = False,
+    access_log: bool = True,
 ) -> FastAPI:
     """The FastAPI app over `engine`. With `api_key`, every endpoint but /health needs `Authorization: Bearer
     <api_key>`. With `close_engine_on_shutdown`, the app's shutdown (after uvicorn has finished the requests in
-    flight) closes the engine, draining it."""
+    flight) closes the engine, draining it. Every response carries its request's `X-Request-Id`; with `access_log`,
+    each request is logged on the `vlmheads.serve.access` logger (`access_log`)."""
     limits = (limits or ServerLimits()).resolved(engine.processor)
     server = Server(engine, limits)
 
@@ -905,7 +953,12 @@ def create_app(
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("Unhandled error on %s", request.url.path)
-        return error_response(500, f"Internal error: {type(error).__name__}.", code="internal_error")
+        response = error_response(500, f"Internal error: {type(error).__name__}.", code="internal_error")
+        # This handler answers outside the access-log middleware, which adds the id to every other response.
+        record = access_record(request)
+        if record is not None:
+            response.headers[REQUEST_ID_HEADER] = record.request_id
+        return response
 
     @app.get("/health")
     async def health() -> Response:
@@ -925,6 +978,8 @@ def create_app(
     app.add_api_route(ROUTE_CLASSIFY, server.classify, methods=["POST"])
     app.add_api_route(ROUTE_ACTIONS, server.actions, methods=["POST"])
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    # Added last, so it runs first: the guard's 401 and 413 answers are logged too.
+    app.add_middleware(AccessLogMiddleware, log=access_log)
     return app
 
 
@@ -1017,12 +1072,14 @@ def serve(
     limits: ServerLimits | None = None,
     log_level: str = "info",
     timeouts: ServerTimeouts | None = None,
+    access_log: bool = True,
 ) -> None:
     """Serves `engine` until SIGINT / SIGTERM (blocking); then finishes the requests in flight (uvicorn's graceful
     shutdown, ending those still open at `timeouts.shutdown` with an error event) and closes the engine, draining
-    it. uvicorn then re-raises the signal, as its own CLI does. Large freed blocks go back to the OS (`memory`)."""
+    it. uvicorn then re-raises the signal, as its own CLI does. Large freed blocks go back to the OS (`memory`).
+    `access_log` False writes no access lines (`access_log`)."""
     return_large_blocks_to_the_os()
-    app = create_app(engine, api_key=api_key, limits=limits, close_engine_on_shutdown=True)
+    app = create_app(engine, api_key=api_key, limits=limits, close_engine_on_shutdown=True, access_log=access_log)
     server = uvicorn_server(app, host, port, timeouts, log_level)
     try:
         server.run()

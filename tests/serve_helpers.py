@@ -72,10 +72,13 @@ def wait_healthy(base_url: str, timeout: float = 60.0, process: subprocess.Popen
 
 
 @contextmanager
-def served(engine: GenerationEngine, api_key: str | None = None, limits: ServerLimits | None = None) -> Iterator[str]:
-    """Serves `engine` with uvicorn in a thread on a free port; yields the base URL (no /v1)."""
+def served(
+    engine: GenerationEngine, api_key: str | None = None, limits: ServerLimits | None = None, **app_options: Any
+) -> Iterator[str]:
+    """Serves `engine` with uvicorn in a thread on a free port (`app_options`: more of `create_app`'s arguments);
+    yields the base URL (no /v1)."""
     port = free_port()
-    app = create_app(engine, api_key=api_key, limits=limits)
+    app = create_app(engine, api_key=api_key, limits=limits, **app_options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -214,6 +214,29 @@ def test_large_jpegs_decode_at_a_reduced_scale():
             assert budget.used == 250 * 200
 
 
+def test_large_images_decode_near_the_processed_size():
+    """An image of at least 4x the pixels the processor resizes to is decoded to a size nearer it (JPEG: a DCT
+    scale, others: a whole-factor reduction right after decoding), never below it; the budget counts what was
+    decoded."""
+    limits = ServerLimits(max_image_pixels=4096 * 4096, processed_pixels=112 * 112)
+    halves = Image.new("RGB", (1000, 800), (220, 20, 20))
+    halves.paste((20, 20, 220), (500, 0, 1000, 800))
+    for image, image_format, decoded in (
+        (halves.convert("RGBA"), "PNG", 1000 * 800),
+        (halves.convert("P"), "PNG", 1000 * 800),
+        (halves, "JPEG", 250 * 200),  # 1/4 scale: the strongest of 1/2, 1/4, 1/8 that keeps 112x112
+    ):
+        budget = PixelBudget(limits)
+        result = decode_image_url(data_url(image, image_format), limits, "image", budget)
+        assert budget.used == decoded, image_format
+        assert result.mode == "RGB" and 112 * 112 <= result.width * result.height < 4 * 112 * 112, result.size
+        assert abs(result.width / result.height - 1000 / 800) < 0.05
+        left, right = result.getpixel((2, 2)), result.getpixel((result.width - 3, 2))
+        assert left[0] > 180 > left[2] and right[2] > 180 > right[0], (left, right)
+    small = Image.new("RGB", (56, 56), (1, 2, 3))
+    assert decode_image_url(data_url(small), limits, "image").size == (56, 56)
+
+
 def test_a_requests_images_share_one_pixel_budget(base_url):
     image = Image.new("RGB", (300, 300), (200, 30, 30))  # 90,000 pixels: two exceed the request's 150,000
     body = chat_body("Two.", data_url(image))
