@@ -1,6 +1,12 @@
-"""Closed-loop success in Meta-World of the three VLA action heads, beside the scripted expert, their blind ablation
-(camera image blanked) and a random policy, in two observation settings reported apart: the full state with the
-goal, and the image carrying the goal (Meta-World's partially observable default).
+"""Closed-loop success in Meta-World of the three VLA action heads and transformers' tiny π0, beside the scripted
+expert, their blind ablations and a random policy, in two observation settings reported apart: the full state with
+the goal, and the image carrying the goal (Meta-World's partially observable default).
+
+Two blind ablations of every model (`vlmheads.closed_loop.manipulation_policies.BLINDS`): "image blanked" blanks
+the camera frame and leaves the state whole, which in the full setting still says where the objects and the goal
+are; "blind" blanks the frame and replaces the object and goal entries of the state by their training means, so
+that the policy keeps only its proprioception (hand xyz, gripper opening). The "blind" row is the one a trained
+model is measured against: it cannot succeed on the state alone.
 
 The `"tokens"` head reads no state vector (RT-2 / OpenVLA), so it runs in the `"image"` setting (the camera image
 alone) and is reported in the image-goal table; it trains on the image-goal demonstrations with their state column
@@ -11,12 +17,13 @@ Every stage goes through the package's own entry points, as a user would run the
 1. `vlmheads manipulate collect`: expert demonstrations of `--tasks`, training seeds 0 .. `--train_episodes - 1`,
    validation seeds from 5000, once per collected setting;
 2. `examples/train_vla.py --train_files ... --eval_files ...`: each head on the tiny offline `--family` backbone,
-   the same data, steps and batch size;
-3. `vlmheads manipulate evaluate`: `--eval_episodes` held-out seeds per task from `--eval_seed` (checked to lie
-   outside the training and validation ranges), the same seeds for every policy.
+   and π0 (`--family pi0`, its tiny offline configuration), the same data, steps and batch size;
+3. `vlmheads manipulate evaluate`: `--eval_episodes` held-out seeds per task from `HELD_OUT_SEED` (100000; the
+   collection refuses seeds from there on), the same seeds for every policy.
 
 Finished stages are kept (a folder with its `meta/info.json`, a model folder with its `config.json`, a result JSON)
-and skipped when the script runs again, so that a run cut short resumes. The tables are printed in Markdown.
+and skipped when the script runs again, so that a run cut short resumes. The tables are printed in Markdown, with
+the episodes per task each row ran.
 
     python benchmarks/bench_closed_loop_manipulation.py                 # the BENCHMARKS.md configuration
     python benchmarks/bench_closed_loop_manipulation.py --train_episodes 2 --eval_episodes 2 --steps 10  # a smoke run
@@ -34,16 +41,30 @@ from pathlib import Path
 import datasets
 from transformers import HfArgumentParser
 
+from vlmheads.closed_loop.manipulation import HELD_OUT_SEED
 from vlmheads.closed_loop.manipulation_env import DEFAULT_TASKS, OBSERVATIONS
-from vlmheads.configuration.configuration_vla import ACTION_HEADS as HEADS
+from vlmheads.closed_loop.manipulation_policies import BLIND_IMAGE, BLIND_WORLD
+from vlmheads.configuration.configuration_vla import ACTION_HEADS, POLICY_FAMILIES
 
+# A head of ours, or a policy family trained whole (π0).
+HEADS = (*ACTION_HEADS, *POLICY_FAMILIES)
 # (observation setting, head) of every trained model; the tables group the settings as below.
-MODELS = ("full:regression", "full:flow", "image-goal:regression", "image-goal:flow", "image:tokens")
+MODELS = (
+    "full:regression",
+    "full:flow",
+    "full:pi0",
+    "image-goal:regression",
+    "image-goal:flow",
+    "image-goal:pi0",
+    "image:tokens",
+)
 TABLES = {"full": ("full",), "image-goal": ("image-goal", "image")}
 # The collected settings; "image" is derived from "image-goal" (its state column dropped).
 COLLECTED = ("full", "image-goal")
 REPOSITORY = Path(__file__).resolve().parents[1]
 VALIDATION_SEED = 5000
+# Training steps of every model: 800 left every head short of convergence (its loss still falling), see BENCHMARKS.md.
+STEPS = 2000
 
 
 @dataclass
@@ -54,12 +75,11 @@ class BenchmarkArguments:
     family: str = field(default="paligemma", metadata={"help": "Tiny offline backbone of the heads."})
     train_episodes: int = field(default=30, metadata={"help": "Expert demonstrations per task (seeds 0..N-1)."})
     validation_episodes: int = field(default=1, metadata={"help": "Per task, seeds from 5000."})
-    eval_episodes: int = field(default=10, metadata={"help": "Held-out evaluation episodes per task."})
-    eval_seed: int = field(default=100_000)
-    steps: int = field(default=800, metadata={"help": "Training steps of every head."})
+    eval_episodes: int = field(default=50, metadata={"help": "Held-out evaluation episodes per task."})
+    steps: int = field(default=STEPS, metadata={"help": "Training steps of every model."})
     batch_size: int = field(default=32)
     chunk_size: int = field(default=4, metadata={"help": "Actions per chunk (executed before the next frame)."})
-    workers: int = field(default=2, metadata={"help": "Subprocesses at a time (one per core)."})
+    workers: int = field(default=1, metadata={"help": "Subprocesses at a time (at most one per core)."})
 
 
 def run(command: list[str], log: Path) -> None:
@@ -81,7 +101,7 @@ def parallel(jobs: list[tuple[list[str], Path]], workers: int) -> None:
 def check_seed_ranges(args: BenchmarkArguments) -> None:
     """Evaluation seeds never used in training or validation."""
     used = [(0, args.train_episodes), (VALIDATION_SEED, VALIDATION_SEED + args.validation_episodes)]
-    evaluation = (args.eval_seed, args.eval_seed + args.eval_episodes)
+    evaluation = (HELD_OUT_SEED, HELD_OUT_SEED + args.eval_episodes)
     overlap = any(evaluation[0] < end and start < evaluation[1] for start, end in used)
     if args.train_episodes > VALIDATION_SEED or overlap:
         raise ValueError(f"Evaluation seeds {evaluation} overlap the training/validation seeds {used}.")
@@ -142,8 +162,9 @@ def train_jobs(args: BenchmarkArguments, out: Path, models: list[tuple[str, str]
         files = {
             split: sorted(map(str, (out / observation / split).glob("data/*/*.parquet"))) for split in ("train", "val")
         }
-        command = [sys.executable, str(REPOSITORY / "examples" / "train_vla.py"), "--family", args.family]
-        command += ["--action_head", head, "--chunk_size", str(args.chunk_size), "--max_steps", str(args.steps)]
+        command = [sys.executable, str(REPOSITORY / "examples" / "train_vla.py")]
+        command += ["--family", head] if head in POLICY_FAMILIES else ["--family", args.family, "--action_head", head]
+        command += ["--chunk_size", str(args.chunk_size), "--max_steps", str(args.steps)]
         command += ["--per_device_train_batch_size", str(args.batch_size), "--output_dir", str(folder)]
         command += ["--logging_steps", "50", "--train_files", *files["train"], "--eval_files", *files["val"]]
         jobs.append((command, out / "logs" / f"train-{observation}-{head}.log"))
@@ -161,9 +182,18 @@ def policies(out: Path, models: list[tuple[str, str]], table: str) -> dict[str, 
         if observation not in TABLES[table]:
             continue
         folder, results = out / observation / head, out / observation / "results"
-        label = f"`{head}` head" + (" (no state)" if not OBSERVATIONS[observation] else "")
+        label = "π0 (tiny)" if head in POLICY_FAMILIES else f"`{head}` head"
+        label += " (no state)" if not OBSERVATIONS[observation] else ""
         rows[label] = (results / f"{head}.json", ["--model", str(folder)])
-        rows[f"{label}, image blanked"] = (results / f"{head}-blind.json", ["--model", str(folder), "--blind"])
+        rows[f"{label}, image blanked"] = (
+            results / f"{head}-blind.json",
+            ["--model", str(folder), "--blind", BLIND_IMAGE],
+        )
+        if OBSERVATIONS[observation]:
+            rows[f"{label}, blind"] = (
+                results / f"{head}-blind-world.json",
+                ["--model", str(folder), "--blind", BLIND_WORLD],
+            )
     return rows
 
 
@@ -171,7 +201,7 @@ def evaluate_jobs(args: BenchmarkArguments, out: Path, models: list[tuple[str, s
     """One job per result JSON not yet written (the expert and the random policy read the simulator, not an
     observation setting: they run once)."""
     jobs = {}
-    common = ["--tasks", args.tasks, "--episodes", str(args.eval_episodes), "--seed", str(args.eval_seed)]
+    common = ["--tasks", args.tasks, "--episodes", str(args.eval_episodes), "--seed", str(HELD_OUT_SEED)]
     for table in TABLES:
         for result, flags in policies(out, models, table).values():
             if not result.is_file() and result not in jobs:
@@ -183,14 +213,21 @@ def evaluate_jobs(args: BenchmarkArguments, out: Path, models: list[tuple[str, s
 
 
 def tables(out: Path, models: list[tuple[str, str]], tasks: list[str]) -> str:
+    """The Markdown tables of the results written so far (a row not yet run is left out), with the episodes per
+    task each row ran."""
     lines = []
     for table in TABLES:
         lines += [f"\n**{table}** observation setting\n"]
-        lines += ["| policy | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+        lines += ["| policy | " + " | ".join(tasks) + " | mean | episodes / task |", "|---" * (len(tasks) + 3) + "|"]
         for row, (path, _) in policies(out, models, table).items():
+            if not path.is_file():
+                continue
             result = json.loads(path.read_text())
             rates = " | ".join(f"{result['success_rate'][task]:.2f}" for task in tasks)
-            lines.append(f"| {row} | {rates} | **{result['mean_success_rate']:.2f}** |")
+            episodes = sorted(set(result["episodes"].values()))
+            lines.append(
+                f"| {row} | {rates} | **{result['mean_success_rate']:.2f}** | {'/'.join(map(str, episodes))} |"
+            )
     return "\n".join(lines)
 
 
@@ -203,9 +240,10 @@ def main() -> None:
     parallel(train_jobs(args, out, models), args.workers)
     parallel(evaluate_jobs(args, out, models), args.workers)
     print(
-        f"Success rates over {args.eval_episodes} held-out seeds per task ({args.eval_seed}.."
-        f"{args.eval_seed + args.eval_episodes - 1}); {args.train_episodes} expert demonstrations per task; "
-        f"{args.steps} steps of batch {args.batch_size}, chunks of {args.chunk_size}, tiny {args.family} backbone."
+        f"Success rates over {args.eval_episodes} held-out seeds per task ({HELD_OUT_SEED}.."
+        f"{HELD_OUT_SEED + args.eval_episodes - 1}); {args.train_episodes} expert demonstrations per task; "
+        f"{args.steps} steps of batch {args.batch_size}, chunks of {args.chunk_size}, tiny {args.family} backbone "
+        "and tiny π0."
     )
     print(tables(out, models, tasks))
 

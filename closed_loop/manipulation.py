@@ -9,11 +9,13 @@ policy over seeded episodes.
 (`observation.images.corner`, `observation.state`, `action`, `task`, ...), one parquet file per episode under
 `data/chunk-000/`, with `meta/info.json`, `meta/tasks.jsonl` and `meta/episodes.jsonl`;
 `vlmheads.data.manipulation.load_lerobot_episodes` (and so `examples/train_vla.py --train_files`) reads it. Episode
-`e` of every task uses the seed `seed + e`, which places the objects and the goal: evaluation seeds must lie
-outside the training range.
+`e` of every task uses the seed `seed + e`, which places the objects and the goal: demonstration seeds lie below
+`HELD_OUT_SEED` (100000), evaluation seeds from it on.
 
-`evaluate` runs a policy (a trained VLA folder, "expert" or "random") on `episodes` seeds per task and reports the
-success rate per task (Meta-World's `info["success"]` at any step within `max_steps`) and its mean over tasks.
+`evaluate` runs a policy (a trained `VLAForActionPrediction` or π0 folder, "expert" or "random") on `episodes` seeds
+per task and reports the success rate per task (Meta-World's `info["success"]` at any step within `max_steps`) and
+its mean over tasks. `--blind image` blanks a model's camera frame; `--blind world` also hides where the objects and
+the goal are in its state (`manipulation_policies.BLINDS`).
 The episodes of a task run in lockstep, and a model decides for all the episodes whose action chunk is spent in
 one batch; frames are rendered only at those decision points (and at every step of the episode a video shows).
 """
@@ -46,12 +48,15 @@ from .manipulation_env import (
     check_observation,
     check_tasks,
 )
-from .manipulation_policies import ExpertPolicy, Observation, make_policy
+from .manipulation_policies import BLINDS, ExpertPolicy, Observation, make_policy
 
 IMAGE_KEY = f"observation.images.{CAMERA}"
 DATA_FOLDER = "data/chunk-000"
 # Videos are upscaled from the policy's frames by this factor (nearest pixel) so that they can be watched.
 VIDEO_SCALE = 4
+# The held-out range: evaluation seeds start here, and `collect` refuses any seed from here on, so that no held-out
+# scene is ever a demonstration.
+HELD_OUT_SEED = 100_000
 
 
 @dataclass
@@ -193,6 +198,11 @@ def collect(
     names = check_tasks(tasks)
     _check_episodes(episodes)
     check_observation(observation)
+    if seed < 0 or seed + episodes > HELD_OUT_SEED:
+        raise ValueError(
+            f"Demonstration seeds {seed}..{seed + episodes - 1} must lie in 0..{HELD_OUT_SEED - 1}: seeds from "
+            f"{HELD_OUT_SEED} on are held out for evaluation."
+        )
     if action_noise < 0:
         raise ValueError(f"action_noise must be at least 0, got {action_noise}.")
     out = Path(out)
@@ -299,9 +309,9 @@ def evaluate(
     model: str | Path,
     tasks: str | Sequence[str] = DEFAULT_TASKS,
     episodes: int = 50,
-    seed: int = 100_000,
+    seed: int = HELD_OUT_SEED,
     json_path: str | Path | None = None,
-    blind: bool = False,
+    blind: str | None = None,
     observation: str | None = None,
     max_steps: int = MAX_STEPS,
     video_folder: str | Path | None = None,
@@ -310,7 +320,8 @@ def evaluate(
     `seed + episodes - 1`; written as JSON to `json_path` when given (only once every episode has run).
 
     A model runs in the observation setting it was trained in (its state width); "expert" and "random" read the
-    simulator directly, `observation` only sets the state they would be shown. `blind` blanks the model's image.
+    simulator directly, `observation` only sets the state they would be shown. `blind` (one of `BLINDS`) hides the
+    model's image ("image"), or its image and the objects and goal in its state ("world").
     `video_folder` gets one video of the first episode per task.
     """
     names = check_tasks(tasks)
@@ -324,7 +335,7 @@ def evaluate(
     outcomes = []
     seeds = list(range(seed, seed + episodes))
     with tqdm(
-        total=len(names) * episodes, desc=f"evaluating {model}{' (image blanked)' if blind else ''}", unit="episode"
+        total=len(names) * episodes, desc=f"evaluating {model}{f' (blind: {blind})' if blind else ''}", unit="episode"
     ) as progress:
         for task in names:
             video = Path(video_folder) / f"{task}.mp4" if video_folder else None
@@ -355,14 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (collecting, evaluating):
         command.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=tasks_help)
         command.add_argument("--episodes", type=int, required=True, help="episodes (seeds) per task")
-        command.add_argument("--seed", type=int, required=True, help="first seed; episode e uses seed + e")
+        command.add_argument(
+            "--seed",
+            type=int,
+            required=True,
+            help=f"first seed; episode e uses seed + e (held out from {HELD_OUT_SEED})",
+        )
         command.add_argument("--max_steps", type=int, default=MAX_STEPS, help="step limit of an episode")
     collecting.add_argument("--out", required=True, help="new or empty output folder")
     collecting.add_argument("--observation", choices=list(OBSERVATIONS), default=DEFAULT_OBSERVATION)
     collecting.add_argument("--action_noise", type=float, default=0.1, help="std of the executed actions' noise")
     evaluating.add_argument("--model", required=True, help="a trained VLA folder, 'expert' or 'random'")
     evaluating.add_argument("--json", required=True, help="where to write the success rates")
-    evaluating.add_argument("--blind", action="store_true", help="blank the model's camera image")
+    evaluating.add_argument(
+        "--blind",
+        nargs="?",
+        const=BLINDS[0],
+        choices=BLINDS,
+        help="blank the model's camera image ('image', the default), or the image and the objects and goal in its "
+        "state ('world': proprioception only)",
+    )
     evaluating.add_argument("--videos", default=None, help="folder for one video of the first episode per task")
     return parser
 

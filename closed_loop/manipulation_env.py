@@ -45,6 +45,8 @@ IMAGE_SIZE = 64
 # Meta-World's control rate: 5 MuJoCo steps of 2.5 ms per environment step.
 FPS = 80
 MAX_STEPS = 150
+# The state's first entries are the robot's own (hand xyz, gripper opening); the rest locate the objects and the goal.
+PROPRIOCEPTION = 4
 # Widths of Meta-World's 39-value observation: hand and objects (18), the same one step earlier (18), goal (3).
 _CURRENT, _GOAL = slice(0, 18), slice(36, 39)
 

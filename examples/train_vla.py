@@ -6,6 +6,12 @@ its code and reloads it with `AutoModel.from_pretrained(..., trust_remote_code=T
 
     python examples/train_vla.py --family smolvlm --action_head flow
 
+`--family pi0` trains transformers' π0 (`PI0ForConditionalGeneration`, as `create_vlm("pi0")` builds it, its own
+flow-matching action expert; `--action_head` is not read) on the same records, its `PI0Processor` normalising the
+state and actions with the training set's statistics; π0 reads the robot state, so the data must have one:
+
+    python examples/train_vla.py --family pi0 --chunk_size 4 --train_files data/metaworld/data/*/*.parquet
+
 On a real checkpoint and a LeRobot data set (a v2.1 or v3.0 folder as LeRobot lays it out, videos included, or
 its Hub id; or parquet episode tables with `observation.images.*`, `observation.state`, `action`, `task`); the
 last 20 % of the episodes are held out unless `--eval_files` is given. Schema: `vlmheads.data.manipulation`.
@@ -18,6 +24,7 @@ last 20 % of the episodes are held out unless `--eval_files` is given. Schema: `
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -25,6 +32,7 @@ import numpy as np
 from PIL import Image
 from transformers import AutoModel, HfArgumentParser, set_seed
 
+from vlmheads.configuration.configuration_vla import POLICY_FAMILIES
 from vlmheads.data.manipulation import (
     BACKGROUND,
     load_lerobot_dataset,
@@ -32,7 +40,7 @@ from vlmheads.data.manipulation import (
     synthetic_manipulation_dataset,
 )
 from vlmheads.modeling.modeling_vla import VLAForActionPrediction
-from vlmheads.processing.collator_vla import VLADataCollator
+from vlmheads.processing.collator_vla import PI0DataCollator, VLADataCollator
 from vlmheads.registry.vlms import create_vlm, load_processor, resolve_vlm
 from vlmheads.training.cards import ModelCardTrainer
 from vlmheads.training.runs import ScriptTrainingArguments
@@ -54,10 +62,12 @@ class ModelArguments:
     base_model: str | None = field(
         default=None, metadata={"help": "A checkpoint (folder or Hub id) of the family; default: a tiny random model."}
     )
-    action_head: str = field(default="regression", metadata={"help": "regression, tokens or flow."})
+    action_head: str = field(
+        default="regression", metadata={"help": "regression, tokens or flow (not read by pi0, a complete policy)."}
+    )
     chunk_size: int = field(default=1, metadata={"help": "Actions predicted per sample."})
     head_hidden_dims: list[int] | None = field(default=None, metadata={"help": "Head MLP widths (default 2H, 2H)."})
-    flow_num_steps: int = field(default=10, metadata={"help": "Euler steps of the flow head."})
+    flow_num_steps: int = field(default=10, metadata={"help": "Euler steps of the flow head (and of pi0)."})
     num_action_bins: int = field(default=256, metadata={"help": "Bins per action dimension of the tokens head."})
     freeze_vision: bool = field(default=False, metadata={"help": "Do not train the vision tower and projector."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model instead."})
@@ -145,7 +155,33 @@ def load_data(args: DataArguments, chunk_size: int, seed: int) -> tuple[datasets
     )
 
 
+def build_pi0(args: ModelArguments, train: datasets.Dataset, seed: int):
+    """transformers' π0 as the registry builds it (tiny random, or `--base_model`) with `--chunk_size` and
+    `--flow_num_steps`, and its processor normalising with the training set's statistics."""
+    if "state" not in train.column_names:
+        raise ValueError(f"{args.family} reads the robot state, and the training data has none (see --state_key).")
+    processor = load_processor(args.family, pretrained=args.base_model, tiny=args.base_model is None)
+    actions = np.stack(train.with_format("numpy")["actions"])
+    statistics = normalization_statistics(actions, np.stack(train.with_format("numpy")["state"]))
+    processor.actions_mean, processor.actions_std = statistics["action_mean"], statistics["action_std"]
+    processor.state_mean, processor.state_std = statistics["state_mean"], statistics["state_std"]
+    processor.chunk_size = args.chunk_size
+    overrides = {"chunk_size": args.chunk_size, "num_inference_steps": args.flow_num_steps}
+    if args.base_model is None:
+        model = create_vlm(args.family, tiny=True, seed=seed, **overrides)
+    else:
+        model = create_vlm(args.family, pretrained=args.base_model, **overrides)
+    widths = {"state": (len(processor.state_mean), model.config.max_state_dim)}
+    widths["actions"] = (actions.shape[-1], model.config.max_action_dim)
+    for name, (width, most) in widths.items():
+        if width > most:
+            raise ValueError(f"The {name} has {width} values; this {args.family} model reads at most {most}.")
+    return processor, model
+
+
 def build_model(args: ModelArguments, train: datasets.Dataset, seed: int):
+    if args.family in POLICY_FAMILIES:
+        return build_pi0(args, train, seed)
     processor = load_processor(args.family, pretrained=args.base_model, tiny=args.base_model is None)
     if args.base_model is None:
         backbone = create_vlm(args.family, tiny=True, seed=seed)
@@ -167,9 +203,9 @@ def build_model(args: ModelArguments, train: datasets.Dataset, seed: int):
     return processor, model
 
 
-def evaluation_table(model, collator, train, evaluation, batch_size: int) -> dict[str, dict[str, float]]:
+def evaluation_table(model, collator, train, evaluation, batch_size: int, predict=None) -> dict[str, dict[str, float]]:
     """Held-out action errors of the mean-action baseline, the model, and the model with the image blanked or the
-    instruction of another sample."""
+    instruction of another sample (`predict`: as `predict_dataset_actions` takes it)."""
     records = list(evaluation)
     targets = np.stack([np.asarray(record["actions"], dtype=np.float32) for record in records])
     baseline = mean_action_baseline(np.stack(train.with_format("numpy")["actions"]), len(records))
@@ -181,7 +217,8 @@ def evaluation_table(model, collator, train, evaluation, batch_size: int) -> dic
     swapped = [{**record, "instruction": instructions[(i + 1) % len(records)]} for i, record in enumerate(records)]
     table = {"mean-action baseline": action_errors(baseline, targets)}
     for name, inputs in (("trained model", records), ("image blanked", blank), ("instruction swapped", swapped)):
-        table[name] = action_errors(predict_dataset_actions(model, collator, inputs, batch_size), targets)
+        predicted = predict_dataset_actions(model, collator, inputs, batch_size, predict=predict)
+        table[name] = action_errors(predicted, targets)
     return table
 
 
@@ -195,19 +232,23 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
     resolve_vlm(model_args.family)
+    policy = model_args.family in POLICY_FAMILIES
 
     train_dataset, eval_dataset = load_data(data_args, model_args.chunk_size, training_args.seed)
     processor, model = build_model(model_args, train_dataset, training_args.seed)
     freeze(model, vision=model_args.freeze_vision, projector=model_args.freeze_vision)
     trained = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_r) if model_args.lora else model
-    collator = VLADataCollator.for_model(processor, model.config)
+    collator = (
+        PI0DataCollator.for_processor(processor) if policy else VLADataCollator.for_model(processor, model.config)
+    )
     trainer = ModelCardTrainer(
         model=trained,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        compute_metrics=ActionMetrics(),
+        # π0's outputs are flow velocities, not actions: its held-out errors come from the sampled actions below.
+        compute_metrics=None if policy else ActionMetrics(),
         processing_class=processor,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -215,12 +256,15 @@ def main() -> None:
     if model_args.lora:
         model = trainer.model.merge_and_unload()
 
-    table = evaluation_table(model, collator, train_dataset, eval_dataset, training_args.per_device_eval_batch_size)
+    predict = partial(collator.sample_actions, model) if policy else None
+    batch_size = training_args.per_device_eval_batch_size
+    table = evaluation_table(model, collator, train_dataset, eval_dataset, batch_size, predict)
     for name, row in table.items():
         key = name.replace(" ", "_").replace("-", "_")
         metrics.update({f"{key}_{metric}": value for metric, value in row.items()})
     trainer.save_metrics("eval", metrics)
-    print(f"\n{model_args.family} x {model_args.action_head}: held-out errors (predict_actions)")
+    label = model_args.family if policy else f"{model_args.family} x {model_args.action_head}"
+    print(f"\n{label}: held-out errors ({'sample_actions' if policy else 'predict_actions'})")
     print("| inputs | action L1 | action MSE |\n|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['action_l1']:.4f} | {row['action_mse']:.4f} |")
@@ -230,15 +274,25 @@ def main() -> None:
     output_dir = Path(training_args.output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    datasets = [*(data_args.train_files or []), *(data_args.eval_files or [])] or ["synthetic manipulation set"]
-    model.write_model_card(output_dir, metrics=table, model_row="trained model", datasets=datasets)
-    reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).to(model.device)
     records = [eval_dataset[index] for index in range(min(8, len(eval_dataset)))]
-    before = predict_dataset_actions(model, collator, records)
-    after = predict_dataset_actions(reloaded, collator, records)
+    before = predict_dataset_actions(model, collator, records, predict=predict)
+    if policy:
+        # The reloaded processor must bring the statistics back: the reloaded pair predicts alone.
+        reloaded = create_vlm(model_args.family, pretrained=str(output_dir)).to(model.device)
+        reloaded_collator = PI0DataCollator.for_processor(
+            load_processor(model_args.family, pretrained=str(output_dir))
+        )
+        after = predict_dataset_actions(
+            reloaded, reloaded_collator, records, predict=partial(reloaded_collator.sample_actions, reloaded)
+        )
+    else:
+        datasets = [*(data_args.train_files or []), *(data_args.eval_files or [])] or ["synthetic manipulation set"]
+        model.write_model_card(output_dir, metrics=table, model_row="trained model", datasets=datasets)
+        reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).to(model.device)
+        after = predict_dataset_actions(reloaded, collator, records)
     if not np.allclose(before, after, atol=1e-5):
         raise RuntimeError("The reloaded model does not act like the trained one.")
-    print(f"\nSaved to {output_dir}; reloaded with AutoModel: same actions.")
+    print(f"\nSaved to {output_dir}; reloaded with {'create_vlm' if policy else 'AutoModel'}: same actions.")
     if training_args.push_to_hub:
         trainer.model = model  # the merged model when trained with LoRA
         trainer.push_to_hub()  # the vlmheads card above, not the Trainer's generic one

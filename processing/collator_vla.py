@@ -1,5 +1,6 @@
 """Checks and batches manipulation records (schema in `vlmheads.data.manipulation`) for
-`VLAForActionPrediction`, with the processor of any registered VLM family."""
+`VLAForActionPrediction`, with the processor of any registered VLM family, and for transformers' π0
+(`PI0ForConditionalGeneration`) with its `PI0Processor`."""
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,15 +70,7 @@ class VLADataCollator:
         return cls(processor, config.chunk_size, config.action_dim, config.state_dim, **kwargs)
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not records:
-            raise ValueError("The batch is empty: give at least one record.")
-        for position, record in enumerate(records):
-            try:
-                check_manipulation_record(record, self.chunk_size, self.action_dim, self.state_dim, self.with_actions)
-            except ValueError as error:
-                raise ValueError(
-                    f"Record id={record.get('id')!r} (position {position} in the batch) was rejected: {error}."
-                ) from None
+        _check_records(records, self.chunk_size, self.action_dim, self.state_dim, self.with_actions)
         images = [list(record["images"]) for record in records]
         texts = [self.prompt(record["instruction"], len(record["images"])) for record in records]
         batch = dict(self.processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt"))
@@ -101,6 +94,73 @@ class VLADataCollator:
             else:
                 self._prompts[key] = instruction
         return self._prompts[key]
+
+
+@dataclass
+class PI0DataCollator:
+    """Turns manipulation records into a batch for transformers' π0 with its `PI0Processor`, which normalises the
+    state and the actions with its data set statistics (`state_mean`, `actions_mean`, ...) and pads them to
+    `max_state_dim`; their widths are the statistics' (`for_processor`). Records are checked as by
+    `VLADataCollator`; π0 always reads a state.
+
+    Returns `input_ids`, `attention_mask`, `pixel_values` (B, cameras, 3, H, W), `pixel_attention_mask`, `state`
+    (B, max_state_dim) and, with `with_actions`, `actions` (B, chunk_size, max_state_dim), all normalised.
+    """
+
+    processor: ProcessorMixin
+    action_dim: int
+    state_dim: int
+    with_actions: bool = True
+
+    @classmethod
+    def for_processor(cls, processor: ProcessorMixin, **kwargs) -> "PI0DataCollator":
+        """A collator of the widths of the processor's statistics, which must be set."""
+        unset = [
+            name
+            for name in ("state_mean", "state_std", "actions_mean", "actions_std")
+            if getattr(processor, name) is None
+        ]
+        if unset:
+            raise ValueError(f"The π0 processor has no {unset}: set the training data's statistics on it.")
+        return cls(processor, len(processor.actions_mean), len(processor.state_mean), **kwargs)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.processor.chunk_size
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        _check_records(records, self.chunk_size, self.action_dim, self.state_dim, self.with_actions)
+        batch = self.processor(
+            images=[list(record["images"]) for record in records],
+            text=[record["instruction"] for record in records],
+            state=_stack(records, "state"),
+            actions=_stack(records, "actions") if self.with_actions else None,
+            return_tensors="pt",
+        )
+        return dict(batch)
+
+    def sample_actions(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """π0's sampled chunk (B, chunk_size, action_dim) in the data's units: `model.sample_actions` (normalised,
+        padded) cut to `action_dim` and unnormalised as the processor normalised."""
+        inputs = {name: value for name, value in batch.items() if name != "actions"}
+        normalized = model.sample_actions(**inputs)[..., : self.action_dim].float()
+        mean = torch.tensor(self.processor.actions_mean, dtype=torch.float32, device=normalized.device)
+        std = torch.tensor(self.processor.actions_std, dtype=torch.float32, device=normalized.device)
+        return normalized * (std + 1e-8) + mean
+
+
+def _check_records(
+    records: Sequence[Mapping[str, Any]], chunk_size: int, action_dim: int, state_dim: int, with_actions: bool
+) -> None:
+    if not records:
+        raise ValueError("The batch is empty: give at least one record.")
+    for position, record in enumerate(records):
+        try:
+            check_manipulation_record(record, chunk_size, action_dim, state_dim, with_actions)
+        except ValueError as error:
+            raise ValueError(
+                f"Record id={record.get('id')!r} (position {position} in the batch) was rejected: {error}."
+            ) from None
 
 
 def _stack(records: Sequence[Mapping[str, Any]], name: str) -> torch.Tensor:

@@ -1,24 +1,38 @@
 """Meta-World closed loop: expert demonstrations in the LeRobot layout, the evaluator's figures, its JSON contract,
-short episodes of the expert, the random policy and tiny VLA folders, and bad input."""
+short episodes of the expert, the random policy, tiny VLA and π0 folders, the blind ablations, and bad input."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from vla_helpers import FAST_FAMILY, make_model, processor_of
 
 from vlmheads.closed_loop._headless import SIM_EXTRA_HINT, import_simulator
-from vlmheads.closed_loop.manipulation import EpisodeOutcome, collect, evaluate, main, success_table
-from vlmheads.closed_loop.manipulation_env import INSTRUCTIONS, OBSERVATIONS
-from vlmheads.data.manipulation import load_lerobot_episodes
-from vlmheads.registry.vlms import create_vlm
+from vlmheads.closed_loop.manipulation import HELD_OUT_SEED, EpisodeOutcome, collect, evaluate, main, success_table
+from vlmheads.closed_loop.manipulation_env import INSTRUCTIONS, OBSERVATIONS, PROPRIOCEPTION, MetaWorldEpisode
+from vlmheads.closed_loop.manipulation_policies import BLIND_IMAGE, BLIND_WORLD, Observation, make_policy
+from vlmheads.data.manipulation import BACKGROUND, load_lerobot_episodes
+from vlmheads.processing.collator_vla import PI0DataCollator, VLADataCollator
+from vlmheads.registry.vlms import create_vlm, load_processor
 
 
-def save_tiny_policy(folder: Path, action_head: str, observation: str) -> Path:
-    """A tiny untrained VLA with Meta-World's 4-D actions in chunks of 4, reading the setting's state."""
-    model = make_model(FAST_FAMILY, action_head, action_dim=4, chunk_size=4, state_dim=OBSERVATIONS[observation])
-    model.save_pretrained(folder)
+def save_tiny_policy(folder: Path, action_head: str, observation: str, action_dim: int = 4) -> Path:
+    """A tiny untrained VLA (or π0, `action_head="pi0"`) with 4-D actions in chunks of 4, reading the setting's
+    state; the state statistics are not centred on zero, so that a blanked entry differs from a zero."""
+    width = OBSERVATIONS[observation]
+    state_mean = [0.1 * (index + 1) for index in range(width)]
+    if action_head == "pi0":
+        processor = load_processor("pi0", tiny=True)
+        processor.state_mean, processor.state_std = state_mean, [1.0] * width
+        processor.actions_mean, processor.actions_std = [0.0] * action_dim, [1.0] * action_dim
+        create_vlm("pi0", tiny=True).save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return folder
+    statistics = {"state_mean": state_mean, "state_std": [1.0] * width} if width else {}
+    settings = {"action_dim": action_dim, "chunk_size": 4, "state_dim": width, **statistics}
+    make_model(FAST_FAMILY, action_head, **settings).save_pretrained(folder)
     processor_of(FAST_FAMILY).save_pretrained(folder)
     return folder
 
@@ -85,19 +99,47 @@ def test_the_expert_succeeds_where_the_random_policy_fails_and_the_json_holds_th
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("action_head", "observation"), [("regression", "image-goal"), ("flow", "full"), ("tokens", "image")]
+    ("action_head", "observation"),
+    [("regression", "image-goal"), ("flow", "full"), ("tokens", "image"), ("pi0", "full")],
 )
-def test_a_vla_folder_runs_closed_loop_with_and_without_its_image(action_head, observation, tmp_path):
+def test_a_model_folder_runs_closed_loop_with_and_without_its_image(action_head, observation, tmp_path):
     folder = save_tiny_policy(tmp_path / "policy", action_head, observation)
     videos = tmp_path / "videos"
-    for blind in (False, True):
+    for blind in (None, BLIND_WORLD):
         json_path = tmp_path / f"blind-{blind}.json"
         result = evaluate(folder, ["reach-v3"], 2, 100_000, json_path, blind=blind, max_steps=6, video_folder=videos)
-        assert result["observation"] == observation and result["blind"] is blind
+        assert result["observation"] == observation and result["blind"] == blind
         # An untrained model does not reach the goal in 6 steps: every episode runs to the limit.
         assert [outcome["steps"] for outcome in result["outcomes"]] == [6, 6]
         assert json.loads(json_path.read_text())["success_rate"] == {"reach-v3": 0.0}
     assert (videos / "reach-v3.mp4").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action_head", ["regression", "pi0"])
+def test_blind_policies_see_a_blank_frame_and_world_blind_ones_only_proprioception(action_head, tmp_path, monkeypatch):
+    folder = save_tiny_policy(tmp_path / "policy", action_head, "full")
+    collator = PI0DataCollator if action_head == "pi0" else VLADataCollator
+    seen = []
+    collate = collator.__call__
+    monkeypatch.setattr(collator, "__call__", lambda self, records: seen.append(records) or collate(self, records))
+    episode = MetaWorldEpisode("push-v3", HELD_OUT_SEED, "full")
+    frame = Image.new("RGB", (64, 64), (200, 10, 10))
+    try:
+        for blind in (None, BLIND_IMAGE, BLIND_WORLD):
+            actions = make_policy(folder, 0, blind=blind).act([Observation(episode, frame)])
+            assert actions.shape == (1, 4, 4) and np.isfinite(actions).all()
+    finally:
+        episode.close()
+    (seeing,), (image_blind,), (world_blind,) = seen
+    assert np.asarray(seeing["images"][0]).tolist() == np.asarray(frame).tolist()
+    assert np.array_equal(seeing["state"], episode.state) and np.array_equal(image_blind["state"], episode.state)
+    for record in (image_blind, world_blind):
+        assert (np.asarray(record["images"][0]) == BACKGROUND).all()
+    state_mean = np.asarray([0.1 * (index + 1) for index in range(OBSERVATIONS["full"])], dtype=np.float32)
+    assert np.array_equal(world_blind["state"][:PROPRIOCEPTION], episode.state[:PROPRIOCEPTION])
+    assert np.allclose(world_blind["state"][PROPRIOCEPTION:], state_mean[PROPRIOCEPTION:])
+    assert not np.allclose(episode.state[PROPRIOCEPTION:], state_mean[PROPRIOCEPTION:])
 
 
 @pytest.mark.slow
@@ -132,7 +174,9 @@ def test_bad_input_raises_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="holds a 'paligemma' model, not an action model"):
         evaluate(backbone_folder, "reach-v3", 1, 0, json_path)
     with pytest.raises(ValueError, match="the expert policy reads none"):
-        evaluate("expert", "reach-v3", 1, 0, json_path, blind=True)
+        evaluate("expert", "reach-v3", 1, 0, json_path, blind=BLIND_IMAGE)
+    with pytest.raises(ValueError, match="seeds from 100000 on are held out for evaluation"):
+        collect("reach-v3", 2, HELD_OUT_SEED - 1, out)
     assert not out.exists() and not json_path.exists()
     (out / "old").mkdir(parents=True)
     with pytest.raises(ValueError, match="exists and is not empty"):
@@ -149,6 +193,9 @@ def test_a_model_with_another_state_width_is_refused(tmp_path):
     make_model(FAST_FAMILY, "regression", action_dim=7, state_dim=18).save_pretrained(seven_d)
     with pytest.raises(ValueError, match="predicts 7-D actions; Meta-World takes 4-D actions"):
         evaluate(seven_d, "reach-v3", 1, 0)
+    seven_d_pi0 = save_tiny_policy(tmp_path / "pi0", "pi0", "full", action_dim=7)
+    with pytest.raises(ValueError, match="predicts 7-D actions; Meta-World takes 4-D actions"):
+        evaluate(seven_d_pi0, "reach-v3", 1, 0)
 
 
 def test_a_missing_simulator_names_the_sim_extra():

@@ -4,7 +4,7 @@ action metrics and the mean-action baseline.
 Freezing and LoRA are the helpers every family shares (`training/backbones.py`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -124,11 +124,17 @@ class ActionMetrics:
 
 
 def predict_dataset_actions(
-    model: PreTrainedModel, collator, records: Sequence, batch_size: int = 32, seed: int = 0
+    model: PreTrainedModel,
+    collator,
+    records: Sequence,
+    batch_size: int = 32,
+    seed: int = 0,
+    predict: Callable[[dict], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """`model.predict_actions` over manipulation records, batch by batch: (N, chunk_size, action_dim).
 
-    The flow head's noise is seeded by `seed`, so repeated calls give the same actions.
+    The flow head's noise is seeded by `seed`, so repeated calls give the same actions. `predict(batch)` replaces
+    `model.predict_actions(**batch)` (π0: `PI0DataCollator.sample_actions`).
     """
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -139,7 +145,8 @@ def predict_dataset_actions(
             batch = collator([records[index] for index in range(start, min(start + batch_size, len(records)))])
             batch.pop("actions", None)
             batch = {name: value.to(model.device) for name, value in batch.items()}
-            predicted.append(model.predict_actions(**batch).float().cpu().numpy())
+            actions = predict(batch) if predict is not None else model.predict_actions(**batch)
+            predicted.append(actions.float().cpu().numpy())
     finally:
         torch.random.set_rng_state(generator_state)
     return np.concatenate(predicted)
