@@ -71,14 +71,13 @@ from .openai_protocol import (
     DeltaMessage,
     ErrorInfo,
     ErrorResponse,
-    ModelCard,
-    ModelList,
     TokenLogprob,
     TopLogprob,
     TrajectoryRequest,
     TrajectoryResponse,
     Usage,
     dump,
+    model_list,
     new_id,
     now,
 )
@@ -441,6 +440,12 @@ class ChoiceState:
     finish_reason: str | None = None
 
 
+def with_adapter(call: Callable[..., Any], adapter: str | None) -> Callable[..., Any]:
+    """An engine's `forward` or `predict_actions` with the LoRA `adapter` (engines without adapters take the inputs
+    alone)."""
+    return call if adapter is None else functools.partial(call, adapter=adapter)
+
+
 def cancel_choices(choices: list[ChoiceState]) -> None:
     for choice in choices:
         choice.stream.cancel()
@@ -544,15 +549,20 @@ class Server:
         for stream in streams:
             stream.expire()
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.engine.model_id:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist; this server serves `{self.engine.model_id}`.",
-                param="model",
-                code="model_not_found",
-                kind="not_found_error",
-            )
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); a 404 for a model not served."""
+        if name is None or name == self.engine.model_id:
+            return None
+        if name in self.engine.adapters:
+            return name
+        served = ", ".join(f"`{model}`" for model in (self.engine.model_id, *self.engine.adapters))
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist; this server serves {served}.",
+            param="model",
+            code="model_not_found",
+            kind="not_found_error",
+        )
 
     def process(self, param: str, **kwargs: Any) -> dict[str, Any]:
         """The processor's tensors for one sample; a processor's ValueError is a 400 on `param`."""
@@ -586,7 +596,7 @@ class Server:
     async def chat(self, request: Request) -> Response:
         arrival = time.perf_counter()
         body: ChatCompletionRequest = parse_body(await read_body(request, self.limits), ChatCompletionRequest)
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         if self.engine.generation_refusal is not None:
             raise APIError(400, self.engine.generation_refusal, param="model", code="model_generates_no_text")
         inputs = await run_in_threadpool(self.chat_inputs, body)
@@ -636,6 +646,7 @@ class Server:
                     stop_token_ids=self.stop_token_ids,
                     logprobs=body.logprobs_count,
                     constraint=None if compiled is None else self.grammars.constraint(compiled),
+                    adapter=adapter,
                 )
                 stream = EngineStream(self.engine, generation)
                 self.streams.add(stream)
@@ -795,9 +806,9 @@ class Server:
             yield sse(final)
         yield "data: [DONE]\n\n"
 
-    async def run_forward(self, inputs: dict[str, Any]) -> Any:
+    async def run_forward(self, inputs: dict[str, Any], adapter: str | None) -> Any:
         try:
-            return await run_in_threadpool(self.engine.forward, inputs)
+            return await run_in_threadpool(with_adapter(self.engine.forward, adapter), inputs)
         except NotImplementedError as error:
             raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
         except ValueError as error:
@@ -824,9 +835,9 @@ class Server:
     async def trajectory(self, request: Request) -> Response:
         self.check_route(ROUTE_TRAJECTORY)
         body: TrajectoryRequest = parse_body(await read_body(request, self.limits), TrajectoryRequest)
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         inputs = await run_in_threadpool(self.trajectory_inputs, body)
-        output = await self.run_forward(inputs)
+        output = await self.run_forward(inputs, adapter)
         modes = None
         if self.engine.config.num_modes > 1:
             modes = output.trajectory_modes[0].float().tolist()
@@ -861,12 +872,12 @@ class Server:
     async def classify(self, request: Request) -> Response:
         self.check_route(ROUTE_CLASSIFY)
         body: ClassificationRequest = parse_body(await read_body(request, self.limits), ClassificationRequest)
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         samples = await run_in_threadpool(self.classification_inputs, body)
         id2label = self.engine.config.id2label
         data, prompt_tokens = [], 0
         for index, inputs in enumerate(samples):
-            output = await self.run_forward(inputs)
+            output = await self.run_forward(inputs, adapter)
             probs = output.logits[0].float().softmax(dim=-1)
             label = id2label[int(probs.argmax())]
             data.append(ClassificationData(index=index, label=label, probs=probs.tolist(), num_classes=len(probs)))
@@ -894,10 +905,10 @@ class Server:
     async def actions(self, request: Request) -> Response:
         self.check_route(ROUTE_ACTIONS)
         body: ActionRequest = parse_body(await read_body(request, self.limits), ActionRequest)
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         inputs = await run_in_threadpool(self.action_inputs, body)
         try:
-            actions = await run_in_threadpool(self.engine.predict_actions, inputs)
+            actions = await run_in_threadpool(with_adapter(self.engine.predict_actions, adapter), inputs)
         except NotImplementedError as error:
             raise APIError(404, str(error), code="unsupported_endpoint", kind="not_found_error") from error
         except ValueError as error:
@@ -970,8 +981,8 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = ModelCard(id=engine.model_id, created=now(), max_model_len=engine.max_context)
-        return JSONResponse(dump(ModelList(data=[card])))
+        cards = model_list(engine.model_id, engine.max_context, server.served.head_kind, engine.adapters)
+        return JSONResponse(dump(cards))
 
     app.add_api_route(ROUTE_CHAT, server.chat, methods=["POST"])
     app.add_api_route(ROUTE_TRAJECTORY, server.trajectory, methods=["POST"])

@@ -8,8 +8,10 @@ batching: a request submitted while a step runs joins the next step).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .sampling import SamplingParams, TokenConstraint
@@ -34,6 +36,8 @@ class GenerationRequest:
             with `supports_logprobs`).
         constraint: what the tokens must follow (structured output; engines with `supports_constraints`); one
             per request, as it holds the sequence's state.
+        adapter: the LoRA adapter the request runs with (a name among the engine's `adapters`), None for the base
+            model.
     """
 
     request_id: str
@@ -46,6 +50,7 @@ class GenerationRequest:
     top_k: int = 0
     logprobs: int | None = None
     constraint: TokenConstraint | None = None
+    adapter: str | None = None
 
     def sampling_params(self) -> SamplingParams:
         """The request's sampling settings, checked: a `ValueError` names a field outside its range."""
@@ -104,6 +109,10 @@ class GenerationEngine(abc.ABC):
     supports_logprobs: bool = False
     #: Whether the engine applies `GenerationRequest.constraint` (structured output); the server refuses it if not.
     supports_constraints: bool = False
+    #: The LoRA adapters the engine serves beside its model, name → folder: a request names one as its `model`
+    #: (`GenerationRequest.adapter`, the `adapter` of `forward` / `predict_actions`). Engines without adapters keep
+    #: this default: none.
+    adapters: Mapping[str, Path] = MappingProxyType({})
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> None:
@@ -121,15 +130,16 @@ class GenerationEngine(abc.ABC):
         """What the engine holds now (GET /metrics). Engines that do not count keep this default: all zero."""
         return EngineLoad()
 
-    def forward(self, inputs: dict[str, Any]) -> Any:
+    def forward(self, inputs: dict[str, Any], adapter: str | None = None) -> Any:
         """One forward pass of the whole model on the processor's outputs (batch of 1) for the endpoints that do not
-        generate (trajectory, classify); returns the model's output (`trajectory`, `logits`). These endpoints read no
-        language-model logits: a trajectory model that also generates text keeps them to the last position
-        (`trajectory_forward_options`). Thread-safe. Engines that only generate keep this default."""
+        generate (trajectory, classify), with the LoRA `adapter` (one of `adapters`) or the base model; returns the
+        model's output (`trajectory`, `logits`). These endpoints read no language-model logits: a trajectory model
+        that also generates text keeps them to the last position (`trajectory_forward_options`). Thread-safe.
+        Engines that only generate keep this default."""
         raise NotImplementedError(f"{type(self).__name__} runs generation only.")
 
-    def predict_actions(self, inputs: dict[str, Any]) -> Any:
+    def predict_actions(self, inputs: dict[str, Any], adapter: str | None = None) -> Any:
         """A VLA's action chunk (1, chunk_size, action_dim) for the collated inputs of one observation, for POST
-        /v1/actions (`VLAForActionPrediction.predict_actions`). Thread-safe. Engines that only generate keep this
-        default."""
+        /v1/actions (`VLAForActionPrediction.predict_actions`), with the LoRA `adapter` or the base model.
+        Thread-safe. Engines that only generate keep this default."""
         raise NotImplementedError(f"{type(self).__name__} predicts no actions.")

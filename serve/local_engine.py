@@ -6,24 +6,31 @@ runs all of them together with an explicit attention mask and explicit per-row p
 Qwen2-VL / Qwen2.5-VL, whose own decode-time positions assume one offset shared by the batch). A request that arrives
 while a step runs is prefilled before the next decode step and joins it; a finished or cancelled request leaves the
 batch at once, freeing its slot.
+
+With LoRA adapters (`lora.py`), a request names its adapter: its prompt runs with that adapter active, and the
+decode step runs every row with its own adapter (or the base model) in one forward pass. A decode step whose batched
+forward pass fails is run again row by row: the rows that fail alone end with an error, the others go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.functional import pad as pad_tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..modeling.capabilities import backbone_config_of, backbone_family_of
 from ..modeling.positions import decode_positions, prompt_positions
 from .engine import EngineLoad, GenerationEngine, GenerationRequest, TokenEvent
 from .heads import forward_options, generation_refusal
+from .lora import LoraAdapters, LoraSpec
 from .prefix_cache import PrefixCache, block_keys, content_digest, content_inputs, feature_token_ids
 from .sampling import RequestSampler, SamplingError, sample_rows_isolated, token_logprobs
 
@@ -57,6 +64,9 @@ class LocalEngine(GenerationEngine):
         model_id: the name the server lists.
         max_batch_size: at most this many requests decode together; later ones wait in a queue.
         max_context: the longest prompt + completion accepted (default: the text config's `max_position_embeddings`).
+        prefix_cache_entries: how many recent prompts' KV caches are kept for prompts that share their prefix.
+        lora: LoRA adapters to serve beside the model (`--lora name=path`, checked by `parse_lora_specs`); they are
+            loaded into `model` in place.
     """
 
     supports_logprobs = True
@@ -70,10 +80,13 @@ class LocalEngine(GenerationEngine):
         max_batch_size: int = 16,
         max_context: int | None = None,
         prefix_cache_entries: int = 0,
+        lora: Sequence[LoraSpec] = (),
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         self.model = model.eval()
+        self._lora = LoraAdapters(model, list(lora)) if lora else None
+        self.adapters = {} if self._lora is None else dict(self._lora.paths)
         self.processor = processor
         #: The KV caches of recent prompts, reused for prompts that share their prefix and non-text inputs.
         self.prefix_cache = PrefixCache(prefix_cache_entries) if prefix_cache_entries > 0 else None
@@ -108,6 +121,7 @@ class LocalEngine(GenerationEngine):
             raise ValueError(self.generation_refusal)
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}.")
+        self._check_adapter(request.adapter)
         slot = _Slot(request, on_event, RequestSampler(request.sampling_params(), request.constraint))
         with self._wakeup:
             if self._closing:
@@ -144,14 +158,31 @@ class LocalEngine(GenerationEngine):
             return len(self._known_ids)
 
     @torch.no_grad()
-    def forward(self, inputs: dict[str, Any]) -> Any:
-        return self.model(**self._to_model(inputs), **self._forward_options)
+    def forward(self, inputs: dict[str, Any], adapter: str | None = None) -> Any:
+        with self._adapter(adapter):
+            return self.model(**self._to_model(inputs), **self._forward_options)
 
     @torch.no_grad()
-    def predict_actions(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def predict_actions(self, inputs: dict[str, Any], adapter: str | None = None) -> torch.Tensor:
         # The robot state stays float32, as the VLA's own pipeline feeds it.
         model_inputs = {**self._to_model(inputs), **({"state": inputs["state"]} if "state" in inputs else {})}
-        return self.model.predict_actions(**model_inputs)
+        with self._adapter(adapter):
+            return self.model.predict_actions(**model_inputs)
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            served = ", ".join(self.adapters) or "none"
+            raise ValueError(f"No LoRA adapter is named {adapter!r} (adapters served: {served}).")
+
+    @contextlib.contextmanager
+    def _adapter(self, adapter: str | None) -> Iterator[None]:
+        """Runs the model calls inside with `adapter` active (None: the base model), for one request."""
+        self._check_adapter(adapter)
+        if self._lora is None:
+            yield
+            return
+        with self._lora.single(adapter):
+            yield
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
 
@@ -246,8 +277,8 @@ class LocalEngine(GenerationEngine):
             if input_ids.ndim != 2 or input_ids.shape[0] != 1:
                 raise ValueError(f"inputs['input_ids'] must have shape (1, S), got {tuple(input_ids.shape)}.")
             position_ids, slot.rope_delta = self._prompt_positions(inputs)
-            keys, prefix_layers, reused = self._cached_prefix(inputs)
-            with torch.no_grad():
+            keys, prefix_layers, reused = self._cached_prefix(inputs, request.adapter)
+            with torch.no_grad(), self._adapter(request.adapter):
                 if reused:
                     # The prefix holds every non-text token: the rest of the prompt runs as text alone.
                     outputs = self.model(
@@ -281,13 +312,17 @@ class LocalEngine(GenerationEngine):
         self._accept_token(slot, token, outputs.logits[0, -1])
         return not slot.finished
 
-    def _cached_prefix(self, inputs: dict[str, Any]) -> tuple[list[bytes], list[tuple[torch.Tensor, ...]], int]:
+    def _cached_prefix(
+        self, inputs: dict[str, Any], adapter: str | None
+    ) -> tuple[list[bytes], list[tuple[torch.Tensor, ...]], int]:
         """The prompt's block keys, and the cached layers and length of its longest cached prefix that holds all of
-        its non-text tokens and leaves at least one token to run (no layers and 0 on a miss)."""
+        its non-text tokens and leaves at least one token to run (no layers and 0 on a miss). The keys start from
+        the content digest and the LoRA adapter's name: an adapter's KV cache is never reused for another."""
         if self.prefix_cache is None:
             return [], [], 0
         input_ids = inputs["input_ids"][0]
-        keys = block_keys(input_ids, content_digest(inputs))
+        adapter_tag = b"" if adapter is None else b"lora:" + adapter.encode("utf-8", "surrogatepass")
+        keys = block_keys(input_ids, content_digest(inputs) + adapter_tag)
         if content_inputs(inputs) and not len(self._feature_token_ids):
             return keys, [], 0
         features = torch.isin(input_ids, self._feature_token_ids).nonzero()
@@ -346,32 +381,94 @@ class LocalEngine(GenerationEngine):
     def _decode_step(self) -> None:
         rows = self._rows
         input_ids = torch.tensor([[slot.last_token] for slot in rows])
+        length = self._mask.shape[1]
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
         next_positions = torch.tensor([slot.cached_tokens + slot.rope_delta for slot in rows])
-        positions = decode_positions(self.family, next_positions)
+        failures: dict[int, Exception] = {}
         try:
-            with torch.no_grad():
-                outputs = self.model(
-                    input_ids=input_ids,
-                    attention_mask=self._mask,
-                    position_ids=positions,
-                    cache=self._cache,
-                    use_cache=True,
-                )
-            self._cache = outputs.cache
-            tokens = sample_rows_isolated(outputs.logits[:, -1], [slot.sampler for slot in rows])
-        except Exception as error:
-            logger.exception("A decode step of %d requests failed.", len(rows))
-            for slot in rows:
-                self._finish(slot, None, "error", error=error)
-            self._rows, self._cache, self._mask = [], None, None
-            return
+            outputs = self._decode_forward(rows, input_ids, self._mask, next_positions, self._cache)
+            self._cache, logits = outputs.cache, outputs.logits[:, -1]
+        except Exception:
+            logger.exception("A decode step of %d requests failed; running its rows one by one.", len(rows))
+            try:
+                logits, failures = self._decode_rows_alone(rows, input_ids, next_positions, length)
+            except Exception as error:
+                logger.exception("Running the rows of a failed decode step one by one failed.")
+                for slot in rows:
+                    self._finish(slot, None, "error", error=error)
+                self._rows, self._cache, self._mask = [], None, None
+                return
+        # A failed row's logits are NaN: it draws nothing, and ends with its own error below.
+        tokens = sample_rows_isolated(logits, [slot.sampler for slot in rows])
         for row, (slot, token) in enumerate(zip(rows, tokens, strict=True)):
             slot.cached_tokens += 1
-            if isinstance(token, SamplingError):
+            if row in failures:
+                error = failures[row]
+                self._finish(slot, None, "error", error=error, client_error=isinstance(error, ValueError))
+            elif isinstance(token, SamplingError):
                 # This row alone ends; its batch-mates go on.
                 logger.warning("Sampling request %s failed: %s", slot.request.request_id, token)
                 self._finish(slot, None, "error", error=token, client_error=True)
             else:
-                self._accept_token(slot, token, outputs.logits[row, -1])
+                self._accept_token(slot, token, logits[row])
         self._drop_rows(set())
+
+    def _decode_forward(
+        self,
+        rows: list[_Slot],
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        next_positions: torch.Tensor,
+        cache: DynamicCache,
+    ) -> Any:
+        """One decode step of `rows`: their last tokens `input_ids` (B, 1), attention `mask` (B, L + 1) and the
+        positions of the new tokens `next_positions` (B,), over their `cache`; each row with its own adapter."""
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": decode_positions(self.family, next_positions),
+            "cache": cache,
+            "use_cache": True,
+        }
+        with torch.no_grad():
+            if self._lora is None:
+                return self.model(**inputs)
+            return self._lora.run_rows([slot.request.adapter for slot in rows], **inputs)
+
+    def _decode_rows_alone(
+        self, rows: list[_Slot], input_ids: torch.Tensor, next_positions: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """Runs a failed decode step again one row at a time, on the cache as it was before the step (`length`
+        tokens). Returns the last logits (B, V), NaN in the rows that failed, and each failed row's error. The
+        batched cache then holds every row's new token (zeros in the failed rows, which leave the batch)."""
+        before = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self._cache.layers]
+        row_logits: dict[int, torch.Tensor] = {}
+        row_layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        failures: dict[int, Exception] = {}
+        for row, slot in enumerate(rows):
+            alone = slice(row, row + 1)
+            cache = DynamicCache([(keys[alone], values[alone]) for keys, values in before])
+            try:
+                outputs = self._decode_forward(
+                    [slot], input_ids[alone], self._mask[alone], next_positions[alone], cache
+                )
+                row_logits[row] = outputs.logits[0, -1]
+                row_layers.append([(layer.keys, layer.values) for layer in outputs.cache.layers])
+            except Exception as error:
+                logger.warning("The decode step of request %s failed: %s", slot.request.request_id, error)
+                failures[row] = error
+                new_column = (0, 0, 0, 1)
+                row_layers.append(
+                    [(pad_tensor(k[alone], new_column), pad_tensor(v[alone], new_column)) for k, v in before]
+                )
+        self._cache = DynamicCache(
+            [
+                tuple(torch.cat([layers[index][part] for layers in row_layers]) for part in (0, 1))
+                for index in range(len(before))
+            ]
+        )
+        vocab = next(iter(row_logits.values())).shape[-1] if row_logits else 1
+        logits = torch.full((len(rows), vocab), float("nan"))
+        for row, values in row_logits.items():
+            logits[row] = values
+        return logits, failures

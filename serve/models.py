@@ -22,16 +22,23 @@ def spread_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> t
     return model
 
 
-def embedded_tiny_model(seed: int = 0, backbone: str = "qwen2_vl") -> tuple[torch.nn.Module, Any]:
+def embedded_tiny_model(
+    seed: int = 0, backbone: str = "qwen2_vl", processor: Any = None
+) -> tuple[torch.nn.Module, Any]:
     """A tiny random Orion model (hidden 64, 2 layers, the real Qwen2-VL tokenizer; on Qwen2-VL unless `backbone`
-    says "qwen2_5_vl") and its processor, with 8 scene and 4 history queries; built in code, nothing downloaded.
+    says "qwen2_5_vl") and its processor, with 8 scene and 4 history queries, named EMBEDDED_MODEL_ID; built in
+    code, nothing downloaded. A `processor` made by an earlier call is reused (a fresh copy of the same model).
     The offline builders are imported here, so that serving a saved folder never imports them."""
     from ..offline import tiny_orion_model, tiny_orion_processor
 
-    processor = tiny_orion_processor(
-        backbone, num_scene_queries=EMBEDDED_SCENE_QUERIES, num_history_queries=EMBEDDED_HISTORY_QUERIES
-    )
-    return spread_weights(tiny_orion_model(processor, backbone, seed=seed), seed=seed), processor
+    if processor is None:
+        processor = tiny_orion_processor(
+            backbone, num_scene_queries=EMBEDDED_SCENE_QUERIES, num_history_queries=EMBEDDED_HISTORY_QUERIES
+        )
+    model = spread_weights(tiny_orion_model(processor, backbone, seed=seed), seed=seed)
+    # The id a LoRA adapter trained on this model records as its base (peft's `base_model_name_or_path`).
+    model.name_or_path = model.config.name_or_path = EMBEDDED_MODEL_ID
+    return model, processor
 
 
 def load_model_folder(path: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -217,16 +219,42 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One served model, as vLLM lists it: a LoRA adapter has the base model's id as `parent` and its folder as
+    `root`; `head_kind` (vlmheads' own field) says which head answers (the route it serves)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vlmheads"
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int
+    head_kind: str | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def model_list(model_id: str, max_model_len: int, head_kind: str, adapters: Mapping[str, Path]) -> ModelList:
+    """GET /v1/models: the base model, then each LoRA adapter (name → folder) with the base model as parent."""
+    created = now()
+    base = ModelCard(id=model_id, created=created, root=model_id, max_model_len=max_model_len, head_kind=head_kind)
+    return ModelList(
+        data=[base]
+        + [
+            ModelCard(
+                id=name,
+                created=created,
+                root=str(path),
+                parent=model_id,
+                max_model_len=max_model_len,
+                head_kind=head_kind,
+            )
+            for name, path in adapters.items()
+        ]
+    )
 
 
 # ---- /classify (vLLM's shape) -------------------------------------------------------------------------------------

@@ -303,3 +303,44 @@ def test_the_prefix_cache_hits_only_with_the_same_text_and_the_same_image(parts)
     assert answer(question) == reference(model, question, 6, ()) and cache.hits == 1
     assert answer(follow_up) == reference(model, follow_up, 6, ()) and cache.hits == 2
     engine.close()
+
+
+def test_a_failing_batched_forward_pass_ends_only_the_request_at_fault(parts):
+    """A decode step whose batched forward pass raises (here: a hook, when one request's next input token is in the
+    batch) runs again row by row: that request ends with an error event, its batch-mates finish with the tokens they
+    get alone, and the engine serves the next request."""
+    model, processor = parts
+    engine = LocalEngine(model, processor)
+    prompts = [chat_inputs(processor, text) for text in ("Poisoned.", "Greedy and fine.", "Also fine, and longer.")]
+    expected = [reference(model, inputs, 10, ()) for inputs in prompts]
+    # The poisoned request's third token is fed back in its third decode step; no other request ever holds it.
+    poison = expected[0][2]
+    assert poison not in expected[0][:2] + expected[1] + expected[2]
+    assert all(poison not in inputs["input_ids"] for inputs in prompts)
+    failed_batches = []
+
+    def fail_on_poison(module, args):
+        (input_ids,) = args
+        if input_ids.shape[1] == 1 and bool((input_ids == poison).any()):
+            failed_batches.append(input_ids.shape[0])
+            raise RuntimeError("injected fault")
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(fail_on_poison)
+    try:
+        collector = Collector(3)
+        with engine._wakeup:  # the three requests join the batch together
+            for index, inputs in enumerate(prompts):
+                engine.submit(GenerationRequest(str(index), inputs, 10), collector)
+        collector.wait()
+        after = Collector(1)
+        engine.submit(GenerationRequest("after", prompts[1], 10), after)
+        after.wait()
+    finally:
+        handle.remove()
+        engine.close()
+    assert failed_batches == [3, 1], "the fault struck the batch, then the poisoned row alone"
+    assert collector.finish["0"][0] == "error" and "injected fault" in collector.finish["0"][1]
+    assert collector.tokens["0"] == expected[0][:3]
+    assert [collector.tokens["1"], collector.tokens["2"]] == expected[1:]
+    assert {collector.finish[index][0] for index in ("1", "2")} == {"length"}
+    assert after.tokens["after"] == expected[1] and after.finish["after"][0] == "length"
