@@ -4,13 +4,18 @@ the untrained model, with the open-loop L2 of each on held-out frames next to it
 Stages (each kept once done, so that a run cut short resumes):
 
 1. `collect`: expert demonstrations of every scenario, training seeds 0 .. `--train_episodes - 1` and validation
-   seeds from 50000 (`vlmheads.closed_loop.driving`'s seed split), `--workers` processes;
-2. `examples/train_orion.py --train_files ... --eval_files ...` (the Trainer), once with the MLP head and once with
-   the flow head, on the tiny offline Qwen2-VL backbone with one trajectory mode per navigation command, in parallel;
-   the untrained model is the MLP model's initialisation (same seed), saved as it is;
+   seeds from 50000 (`vlmheads.closed_loop.driving`'s seed split); `--dart_episodes` more from training seed
+   `DART_SEEDS` with noise injected into the expert's action (DART), and `--dagger_episodes` from `DAGGER_SEEDS`
+   driven by the trained planner `--dagger_driver` (one round of DAgger's data aggregation), both labelled with the
+   expert's plan from the states they visit; `--workers` processes;
+2. `examples/train_orion.py --train_files ... --eval_files ...` (the Trainer) on all the training records, once with
+   the MLP head and once with the flow head, on the tiny offline Qwen2-VL backbone with one trajectory mode per
+   navigation command, in parallel; the untrained model is the MLP model's initialisation (same seed), saved as it
+   is;
 3. open-loop L2 at 1/2/3 s on the validation frames;
 4. `evaluate`: `--eval_episodes` episodes per scenario on the evaluation seeds from `--eval_seed`, the same seeds for
-   every policy, `--workers` processes;
+   every policy (rows named in `--row_episodes`, by default the untrained model and the controller's ceiling, the
+   expert's plan tracked by pure pursuit and PID, drive the first few of them), `--workers` processes;
 5. the Markdown tables (printed and written to `OUT/results.md`), the plot `OUT/closed_loop_driving.png` and one GIF
    per scenario of the MLP planner with its planned waypoints drawn (`OUT/videos/`).
 
@@ -42,7 +47,13 @@ from vlmheads.closed_loop.driving import (
     save_video,
 )
 from vlmheads.closed_loop.driving_metrics import AGGREGATES, EpisodeOutcome, aggregate
-from vlmheads.closed_loop.driving_policies import CONSTANT_VELOCITY, EXPERT, TrajectoryModelPolicy
+from vlmheads.closed_loop.driving_policies import (
+    CONSTANT_VELOCITY,
+    EXPERT,
+    EXPERT_DART,
+    EXPERT_PLAN,
+    TrajectoryModelPolicy,
+)
 from vlmheads.closed_loop.driving_records import COMMANDS, NUM_HISTORY_QUERIES, NUM_SCENE_QUERIES
 from vlmheads.data.driving import ARRAY_FIELDS, constant_velocity_waypoints, load_driving_dataset
 from vlmheads.offline import tiny_orion_model, tiny_orion_processor
@@ -51,14 +62,19 @@ from vlmheads.training.orion import TrajectoryMetrics
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 HEADS = ("mlp", "flow")
+# Training seeds of the noise-injected (DART) and the planner-driven (DAgger) episodes, apart from the clean ones.
+DART_SEEDS = range(TRAINING_SEEDS.start + 10_000, TRAINING_SEEDS.start + 20_000)
+DAGGER_SEEDS = range(TRAINING_SEEDS.start + 20_000, TRAINING_SEEDS.start + 30_000)
 # Table rows: policy key -> label.
 POLICIES = {
     EXPERT: "expert (IDM + MOBIL)",
+    EXPERT_PLAN: "expert's plan through the controller",
     CONSTANT_VELOCITY: "constant velocity (keep lane and speed)",
     "untrained": "Orion, untrained",
     "mlp": "Orion, MLP head",
     "flow": "Orion, flow head",
 }
+EVALUATION_ORDER = (EXPERT, CONSTANT_VELOCITY, "mlp", "flow", "untrained", EXPERT_PLAN)
 L2 = ("L2@1s", "L2@2s", "L2@3s")
 
 
@@ -67,16 +83,27 @@ class BenchmarkArguments:
     out: str = field(default="outputs/closed_loop_driving", metadata={"help": "Data, models, results, figures."})
     scenarios: str = field(default="all")
     train_episodes: int = field(default=16, metadata={"help": "Demonstrations per scenario (training seeds)."})
+    dart_episodes: int = field(default=0, metadata={"help": "Noise-injected expert episodes per scenario (DART)."})
+    dagger_driver: str | None = field(
+        default=None, metadata={"help": "A trained planner folder whose visited states are labelled (DAgger)."}
+    )
+    dagger_episodes: int = field(default=0, metadata={"help": "Episodes per scenario driven by --dagger_driver."})
     validation_episodes: int = field(default=4, metadata={"help": "Per scenario, from the first validation seed."})
     eval_episodes: int = field(default=5, metadata={"help": "Closed-loop episodes per scenario and policy."})
+    row_episodes: str = field(
+        default="untrained=5,expert-plan=5",
+        metadata={"help": "Rows driving fewer episodes per scenario (the first of the same seeds): ROW=N,..."},
+    )
     eval_seed: int = field(default=EVALUATION_SEEDS.start)
     epochs: float = field(default=6, metadata={"help": "Training epochs of both heads."})
+    max_steps: int = field(default=-1, metadata={"help": "Training steps of both heads, if positive."})
     batch_size: int = field(default=32)
     seed: int = field(default=42, metadata={"help": "Training seed (and the untrained model's initialisation)."})
     workers: int = field(default=2, metadata={"help": "Processes: one per core."})
+    video_model: str = field(default="mlp", metadata={"help": "The trained head filmed in each scenario."})
 
 
-def collect_job(args: tuple[str, int, int, str]) -> None:
+def collect_job(args: tuple[str, int, int, str, str]) -> None:
     torch.set_num_threads(1)
     collect(*args)
 
@@ -86,21 +113,28 @@ def evaluate_job(args: tuple[str, str, int, int, str]) -> None:
     evaluate(*args)
 
 
-def record_files(out: Path, split: str, names: list[str], first: int, episodes: int) -> list[Path]:
-    return [out / "records" / split / f"{name}-seeds-{first}-{first + episodes - 1}.parquet" for name in names]
+def record_files(out: Path, split: str, names: list[str], first: int, episodes: int, tag: str = "") -> list[Path]:
+    return [out / "records" / split / f"{name}{tag}-seeds-{first}-{first + episodes - 1}.parquet" for name in names]
 
 
 def collect_all(args: BenchmarkArguments, names: list[str], out: Path) -> dict[str, list[Path]]:
-    splits = {
-        "train": (TRAINING_SEEDS.start, args.train_episodes),
-        "validation": (VALIDATION_SEEDS.start, args.validation_episodes),
-    }
-    files, jobs = {}, []
-    for split, (first, episodes) in splits.items():
-        files[split] = record_files(out, split, names, first, episodes)
+    """The training records (clean, DART and DAgger episodes) and the validation records, collected where absent."""
+    if args.dagger_episodes > 0 and not args.dagger_driver:
+        raise ValueError("--dagger_episodes needs --dagger_driver, the trained planner that drives them.")
+    sets = [("train", EXPERT, TRAINING_SEEDS.start, args.train_episodes, "")]
+    if args.dart_episodes > 0:
+        sets.append(("train", EXPERT_DART, DART_SEEDS.start, args.dart_episodes, f"-{EXPERT_DART}"))
+    if args.dagger_episodes > 0:
+        driver = Path(args.dagger_driver)
+        sets.append(("train", str(driver), DAGGER_SEEDS.start, args.dagger_episodes, f"-{driver.name}"))
+    sets.append(("validation", EXPERT, VALIDATION_SEEDS.start, args.validation_episodes, ""))
+    files, jobs = {"train": [], "validation": []}, []
+    for split, driver, first, episodes, tag in sets:
+        paths = record_files(out, split, names, first, episodes, tag)
+        files[split] += paths
         jobs += [
-            (name, episodes, first, str(out / "records"))
-            for name, path in zip(names, files[split], strict=True)
+            (name, episodes, first, str(out / "records"), driver)
+            for name, path in zip(names, paths, strict=True)
             if not path.exists()
         ]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -109,7 +143,7 @@ def collect_all(args: BenchmarkArguments, names: list[str], out: Path) -> dict[s
 
 
 def train(args: BenchmarkArguments, files: dict[str, list[Path]], out: Path) -> dict[str, Path]:
-    """Both heads through examples/train_orion.py at once; the untrained model saved beside them."""
+    """Both heads through examples/train_orion.py, `--workers` at once; the untrained model saved beside them."""
     folders = {head: out / "models" / head for head in HEADS}
     running = []
     for head, folder in folders.items():
@@ -120,12 +154,15 @@ def train(args: BenchmarkArguments, files: dict[str, list[Path]], out: Path) -> 
         command += ["--num_scene_queries", str(NUM_SCENE_QUERIES), "--num_history_queries", str(NUM_HISTORY_QUERIES)]
         command += ["--num_modes", str(len(COMMANDS)), "--trajectory_head", head, "--compare_flow_planner", "false"]
         command += ["--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", str(args.batch_size)]
+        command += ["--max_steps", str(args.max_steps)]
         command += ["--seed", str(args.seed), "--report_to", "none", "--output_dir", str(folder)]
         print("$", " ".join(command), flush=True)
         log = (out / f"train_{head}.log").open("w")
         threads = {"OMP_NUM_THREADS": str(max(1, os.cpu_count() // args.workers))}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **threads})
         running.append((process, log, head))
+        if len(running) >= args.workers:  # no more trainings at once than workers
+            running[-args.workers][0].wait()
     for process, log, head in running:
         code = process.wait()
         log.close()
@@ -162,18 +199,30 @@ def open_loop(folders: dict[str, Path], validation: list[Path], batch_size: int 
     return rows
 
 
+def episodes_of(args: BenchmarkArguments, key: str) -> int:
+    """Closed-loop episodes per scenario of a table row: `--eval_episodes`, or the row's own in `--row_episodes`."""
+    fewer = dict(item.split("=") for item in args.row_episodes.split(",") if item)
+    unknown = set(fewer) - set(POLICIES)
+    if unknown:
+        raise ValueError(f"--row_episodes names unknown rows {sorted(unknown)}; rows: {list(POLICIES)}.")
+    return int(fewer.get(key, args.eval_episodes))
+
+
 def closed_loop(args: BenchmarkArguments, names: list[str], folders: dict[str, Path], out: Path) -> dict:
     """Per policy and scenario, the evaluation JSON (written by `evaluate`, kept between runs)."""
-    models = {
-        EXPERT: EXPERT,
-        CONSTANT_VELOCITY: CONSTANT_VELOCITY,
-        **{key: str(path) for key, path in folders.items()},
-    }
-    paths = {(key, name): out / "results" / f"{key}-{name}.json" for key in POLICIES for name in names}
+    models = {key: key for key in (EXPERT, EXPERT_PLAN, CONSTANT_VELOCITY)}
+    models.update((key, str(path)) for key, path in folders.items())
+    paths = {}
+    for key in POLICIES:
+        last = args.eval_seed + episodes_of(args, key) - 1
+        for name in names:
+            paths[key, name] = out / "results" / f"{key}-{name}-seeds-{args.eval_seed}-{last}.json"
+    # The rows the goals are about first: a run stopped early keeps them.
+    order = sorted(paths, key=lambda pair: EVALUATION_ORDER.index(pair[0]))
     jobs = [
-        (models[key], name, args.eval_episodes, args.eval_seed, str(path))
-        for (key, name), path in paths.items()
-        if not path.exists()
+        (models[key], name, episodes_of(args, key), args.eval_seed, str(paths[key, name]))
+        for key, name in order
+        if not paths[key, name].exists()
     ]
     with ProcessPoolExecutor(args.workers) as pool:
         list(pool.map(evaluate_job, jobs))
@@ -189,12 +238,17 @@ def tables(names: list[str], results: dict, l2: dict[str, dict[str, float]]) -> 
     """The Markdown tables (all scenarios with the open-loop L2; driving score and collision rate per scenario)
     and the aggregated figures per policy."""
     overall = {key: aggregate([o for name in names for o in outcomes_of(results[key, name])]) for key in POLICIES}
-    header = ["policy", "collision rate", "success rate", "route completion", "driving score", *L2]
+    header = ["policy", "episodes", "collision rate", "success rate", "route completion", "driving score"]
+    header += ["off-road rate", *L2]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for key, label in POLICIES.items():
-        figures = [f"{overall[key][name]:.2f}" for name in AGGREGATES]
-        distances = [f"{l2[key][name]:.2f}" if key in l2 else "0 (the labels)" for name in L2]
-        lines.append(f"| {label} | " + " | ".join(figures + distances) + " |")
+        episodes = sum(results[key, name]["num_episodes"] for name in names)
+        figures = [f"{overall[key][name]:.2f}" for name in (*AGGREGATES, "off_road_rate")]
+        if key in l2:
+            distances = [f"{l2[key][name]:.2f}" for name in L2]
+        else:
+            distances = ["0 (the labels)" if key == EXPERT else "–"] * len(L2)
+        lines.append(f"| {label} | {episodes} | " + " | ".join(figures + distances) + " |")
     header = ["policy", *(f"{name}: DS / collisions / RC" for name in names)]
     lines += ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for key, label in POLICIES.items():
@@ -259,7 +313,7 @@ def main() -> None:
     evaluated = time.perf_counter()
     markdown, overall = tables(names, results, l2)
     plot(out / "closed_loop_driving.png", names, results, l2)
-    gifs = videos(folders["mlp"], names, args.eval_seed, out / "videos")
+    gifs = videos(folders[args.video_model], names, args.eval_seed, out / "videos")
     timings = (
         f"collection {collected - started:.0f} s, training {trained - collected:.0f} s, open and closed loop "
         f"{evaluated - trained:.0f} s, {args.workers} workers"

@@ -5,7 +5,10 @@
 
 `collect` lets highway-env's IDM/MOBIL expert drive and writes one Orion record (schema in `vlmheads.data.driving`,
 encoding in `vlmheads.closed_loop.driving_records`) every `RECORD_EVERY` policy steps to
-`OUT/<split>/<scenario>-seeds-<first>-<last>.parquet`, the split named by the seeds: `TRAINING_SEEDS` go to
+`OUT/<split>/<scenario>-seeds-<first>-<last>.parquet`. With `--driver`, another policy drives and the states it
+visits are labelled with the expert's plan from there (`driving_policies.expert_plan`): `expert-dart` (the expert
+with noise injected, DART) or a trained model folder (DAgger's data aggregation), written to
+`OUT/<split>/<scenario>-<driver>-seeds-<first>-<last>.parquet`. The split is named by the seeds: `TRAINING_SEEDS` go to
 `train/`, `VALIDATION_SEEDS` to `validation/` (the held-out frames of the open-loop metrics). `evaluate` drives
 `--episodes` episodes per scenario on `EVALUATION_SEEDS` only, which no collection may use, and writes the
 aggregate figures (`driving_metrics`) as JSON. Scenarios: highway, merge, roundabout, intersection, or `all`.
@@ -37,7 +40,7 @@ from .driving_env import (
     reset_episode,
 )
 from .driving_metrics import AGGREGATES, COLLISION_PENALTY, OFF_ROAD_PENALTY, EpisodeOutcome, aggregate
-from .driving_policies import make_policy
+from .driving_policies import EXPERT, expert_plan, make_policy
 from .driving_records import (
     CAN_BUS_DIM,
     HISTORY_QUERY_DIM,
@@ -112,8 +115,10 @@ def drive_episode(
     """Drives one episode with `policy` until a collision, the end of the route or the time limit (or `max_steps`
     policy steps).
 
-    With `record`, the expert's records are kept (the episode then runs to the time limit plus the 3 s of
-    waypoints the last records need, whatever the route). With `video`, annotated frames are kept.
+    With `record`, a record is kept every `RECORD_EVERY` steps (the episode then runs on past the end of the route
+    to the time limit, plus the 3 s of waypoints the last records need when the expert drives): labelled with the
+    ego car's own next poses when the policy is the expert (`is_expert`), else with `expert_plan` from the state the
+    policy reached. With `video`, annotated frames are kept.
     """
     scenario = get_scenario(scenario_name)
     ego = reset_episode(env, scenario, seed)
@@ -122,7 +127,8 @@ def drive_episode(
     observer, progress = DrivingObserver(), RouteProgress(env.road, ego, scenario)
     observer.step(ego)
     steps = int(scenario.time_limit_s * POLICY_HZ)
-    if record:
+    own_future = record and policy.is_expert
+    if own_future:
         steps += NUM_WAYPOINTS * STEPS_PER_WAYPOINT
     if max_steps is not None:
         steps = min(steps, max_steps)
@@ -137,7 +143,7 @@ def drive_episode(
         plan = policy.plan(observation, ego)
         ego.control = None if plan is None else env.action_type.get_action(controller(plan, ego.speed))
         if recorded:
-            observations.append((step, observation))
+            observations.append((step, observation, None if own_future else expert_plan(ego)))
         if video:
             frames.append(draw_plan(frame, plan, ego.heading))
         before = np.array(ego.position, dtype=np.float64)
@@ -164,8 +170,8 @@ def drive_episode(
         duration_s=len(speeds) / POLICY_HZ,
     )
     records = []
-    for step, observation in observations:
-        waypoints = future_waypoints(poses, step)
+    for step, observation, plan_label in observations:
+        waypoints = future_waypoints(poses, step) if own_future else plan_label
         if waypoints is not None:
             records.append(
                 {**observation, "ego_waypoints": waypoints, "id": f"{scenario.name}-{seed}-{step}", "seed": seed}
@@ -228,18 +234,22 @@ def write_atomically(path: Path, write) -> None:
             os.remove(temporary)
 
 
-def collect(scenario: str, episodes: int, seed: int, out: str | Path) -> list[Path]:
-    """Expert demonstrations: `episodes` episodes per scenario on seeds `seed …`, written as parquet records under
+def collect(scenario: str, episodes: int, seed: int, out: str | Path, driver: str | Path | Any = EXPERT) -> list[Path]:
+    """Demonstrations: `episodes` episodes per scenario on seeds `seed …`, written as parquet records under
     `out/<split>/`; returns the files. Seeds in `TRAINING_SEEDS` make the `train` split, in `VALIDATION_SEEDS` the
-    `validation` split."""
+    `validation` split. `driver` drives: the expert (its own next poses are the labels), or "expert-dart", a
+    trajectory model folder or a policy object, whose visited states are labelled with the expert's plan (DART,
+    DAgger) and written under a file name carrying the driver's name."""
     names = parse_scenarios(scenario)
     seeds = episode_seeds(episodes, seed, list(SPLITS.values()), "Demonstration")
     split = next(name for name, seed_range in SPLITS.items() if seeds[0] in seed_range)
+    policy = make_policy(driver) if isinstance(driver, (str, Path)) else driver
+    tag = "" if policy.is_expert else f"-{policy.name}"
     # Every scenario is driven before any file is written: a failure leaves no partial set of files.
     collected = {}
     for name in names:
-        env, policy, records = make_env(get_scenario(name)), make_policy("expert"), []
-        for episode_seed in tqdm(seeds, desc=f"Collecting {name}", unit="episode"):
+        env, records = make_env(get_scenario(name)), []
+        for episode_seed in tqdm(seeds, desc=f"Collecting {name} ({policy.name})", unit="episode"):
             records += drive_episode(env, name, episode_seed, policy, record=True).records
         env.close()
         for row in records:
@@ -247,7 +257,7 @@ def collect(scenario: str, episodes: int, seed: int, out: str | Path) -> list[Pa
         collected[name] = datasets.Dataset.from_list(records, features=RECORD_FEATURES)
     paths = []
     for name, dataset in collected.items():
-        path = Path(out) / split / f"{name}-seeds-{seeds[0]}-{seeds[-1]}.parquet"
+        path = Path(out) / split / f"{name}{tag}-seeds-{seeds[0]}-{seeds[-1]}.parquet"
         write_atomically(path, dataset.to_parquet)
         paths.append(path)
     return paths
@@ -261,8 +271,8 @@ def evaluate(
     json_path: str | Path | None = None,
     video_folder: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Drives `episodes` episodes per scenario on `EVALUATION_SEEDS` from `seed` with `model` ("expert",
-    "constant-velocity", a trajectory model folder, or a policy object) and returns the figures: the aggregates
+    """Drives `episodes` episodes per scenario on `EVALUATION_SEEDS` from `seed` with `model` (a name of
+    `NAMED_POLICIES`, a trajectory model folder, or a policy object) and returns the figures: the aggregates
     `collision_rate`, `success_rate`, `route_completion`, `driving_score` over all episodes, `episodes` (one dict
     per episode), `num_episodes`, `per_scenario` aggregates and the `penalties` used. Written as JSON to
     `json_path` when given. With `video_folder`, the first episode of each scenario is also saved there as
@@ -313,8 +323,19 @@ def main(argv: list[str] | None = None) -> None:
         f"[{VALIDATION_SEEDS.start}, {VALIDATION_SEEDS.stop})",
     )
     gather.add_argument("--out", required=True, help="output folder; files go to OUT/train or OUT/validation")
+    gather.add_argument(
+        "--driver",
+        default=EXPERT,
+        help="who drives: 'expert' (labels: its own next poses), 'expert-dart' (the expert with noise injected) or "
+        "a trajectory model folder (DAgger); the states of the latter two are labelled with the expert's plan",
+    )
     judge = commands.add_parser("evaluate", help="drive episodes on held-out seeds and write the figures as JSON")
-    judge.add_argument("--model", required=True, help="a trajectory model folder, 'expert' or 'constant-velocity'")
+    judge.add_argument(
+        "--model",
+        required=True,
+        help="a trajectory model folder, 'expert', 'expert-plan' (the expert's plan through the controller: its "
+        "ceiling), 'expert-dart' or 'constant-velocity'",
+    )
     judge.add_argument("--scenario", required=True, help=scenarios)
     judge.add_argument("--episodes", type=int, required=True, help="episodes per scenario")
     judge.add_argument(
@@ -327,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     judge.add_argument("--videos", default=None, help="folder for a GIF of the first episode per scenario")
     args = parser.parse_args(argv)
     if args.command == "collect":
-        for path in collect(args.scenario, args.episodes, args.seed, args.out):
+        for path in collect(args.scenario, args.episodes, args.seed, args.out, args.driver):
             print(f"Wrote {path}")
         return
     figures = evaluate(args.model, args.scenario, args.episodes, args.seed, args.json, args.videos)

@@ -125,15 +125,20 @@ class MetricsOnly:
 class DrivenVehicle(IDMVehicle):
     """The ego car. highway-env's navigation always runs (`follow_road` along the route, MOBIL's lane-change
     decision into `target_lane_index`); IDM and MOBIL drive it while `control` is None, otherwise `control`
-    ({"acceleration": m/s², "steering": rad}) does."""
+    ({"acceleration": m/s², "steering": rad}) does. `perturbation` (same keys) is added to the expert's action:
+    the noise of noise-injected demonstrations (DART)."""
 
     control: dict[str, float] | None = None
+    perturbation: dict[str, float] | None = None
     # Drawn green like highway-env's own ego car, not blue like its IDM traffic.
     color = VehicleGraphics.EGO_COLOR
 
     def act(self, action: dict | str | None = None) -> None:
         if self.control is None:
             super().act()
+            if self.perturbation is not None and not self.crashed:
+                for name, value in self.perturbation.items():
+                    self.action[name] += value
             return
         if self.crashed:
             return

@@ -37,14 +37,19 @@ from vlmheads.closed_loop.driving_metrics import (
     aggregate,
 )
 from vlmheads.closed_loop.driving_policies import (
+    EXPERT_DART,
     ConstantVelocityPolicy,
+    ExpertPlanPolicy,
     ExpertPolicy,
+    PerturbedExpertPolicy,
     TrajectoryModelPolicy,
+    expert_plan,
 )
 from vlmheads.closed_loop.driving_records import (
     COMMANDS,
     NUM_HISTORY_QUERIES,
     NUM_SCENE_QUERIES,
+    STEPS_PER_WAYPOINT,
     future_waypoints,
     to_ego_frame,
 )
@@ -272,3 +277,70 @@ def test_evaluate_films_the_first_episode_of_each_scenario(tmp_path):
     assert json.loads(path.read_text())["num_episodes"] == 2
     assert [file.name for file in videos.iterdir()] == ["intersection.gif"]
     assert_a_gif_with_red_plans(videos / "intersection.gif")
+
+
+def test_the_expert_plan_is_the_future_the_expert_then_drives():
+    """`expert_plan` simulates a copy of the road: the real road is untouched, and when the expert then drives, its
+    next six poses (at 0.5 s) are the plan."""
+    env = make_env(get_scenario("highway"))
+    rollout = drive_episode(env, "highway", EVALUATION_SEEDS.start, ExpertPolicy(), max_steps=4)
+    ego, before = env.vehicle, [vehicle.position.copy() for vehicle in env.road.vehicles]
+    pose = (ego.position.copy(), ego.heading)
+    plan = expert_plan(ego)
+    after = [vehicle.position for vehicle in env.road.vehicles]
+    assert all(np.array_equal(a, b) for a, b in zip(after, before, strict=True)), "the real road must not move"
+    poses = [pose]
+    for _ in range(6 * STEPS_PER_WAYPOINT):
+        env.step(None)
+        poses.append((ego.position.copy(), ego.heading))
+    assert not rollout.outcome.collision and plan.shape == (6, 2) and plan[-1, 0] > 30.0
+    assert np.allclose(plan, future_waypoints(poses, 0), atol=1e-3)
+
+
+def test_dart_noise_perturbs_the_expert_reproducibly_and_refuses_bad_settings():
+    def final_position(policy):
+        env = make_env(get_scenario("highway"))
+        drive_episode(env, "highway", EVALUATION_SEEDS.start, policy, max_steps=12)
+        return env.vehicle.position.copy()
+
+    clean, noisy = final_position(ExpertPolicy()), final_position(PerturbedExpertPolicy())
+    assert not np.allclose(clean, noisy, atol=0.05), "the noise must move the car"
+    assert np.array_equal(noisy, final_position(PerturbedExpertPolicy())), "the episode seed fixes the noise"
+    with pytest.raises(ValueError, match="correlation"):
+        PerturbedExpertPolicy(correlation=1.0)
+
+
+@pytest.mark.parametrize("driver", [PerturbedExpertPolicy(), ExpertPlanPolicy()])
+def test_records_of_another_driver_are_labelled_with_the_expert_plan(driver):
+    env = make_env(get_scenario("merge"))
+    rollout = drive_episode(env, "merge", TRAINING_SEEDS.start, driver, record=True, max_steps=5)
+    assert [record["id"] for record in rollout.records] == [f"merge-0-{step}" for step in (0, 2, 4)]
+    for record in rollout.records:
+        waypoints = record["ego_waypoints"]
+        assert waypoints.shape == (6, 2) and (np.diff(waypoints[:, 0]) > 0).all(), "the expert plans forwards"
+
+
+def test_dagger_aggregation_labels_the_states_a_model_visits(tmp_path):
+    """One DAgger step on two short episodes: an (untrained) planner drives, the expert's plans label its states,
+    and the records train the model."""
+    processor = tiny_orion_processor(num_scene_queries=NUM_SCENE_QUERIES, num_history_queries=NUM_HISTORY_QUERIES)
+    model = tiny_orion_model(processor, num_modes=len(COMMANDS))
+    policy, env = TrajectoryModelPolicy(model, processor, name="learner"), make_env(get_scenario("highway"))
+    records = []
+    for seed in (TRAINING_SEEDS.start, TRAINING_SEEDS.start + 1):
+        records += drive_episode(env, "highway", seed, policy, record=True, max_steps=3).records
+    assert len(records) == 4
+    # The untrained planner crawls; the expert's plan from its states keeps the road's pace.
+    assert all(record["ego_waypoints"][-1, 0] > 20.0 for record in records)
+    batch = OrionDataCollator(processor, with_answers=False)(
+        [{**record, "ego_waypoints": np.asarray(record["ego_waypoints"])} for record in records]
+    )
+    assert torch.isfinite(model.train()(**batch).loss)
+
+
+@pytest.mark.slow
+def test_collect_with_a_dart_driver_names_its_file_after_the_driver(tmp_path):
+    (path,) = collect("intersection", 1, TRAINING_SEEDS.start, tmp_path, driver=EXPERT_DART)
+    assert path.name == f"intersection-{EXPERT_DART}-seeds-0-0.parquet" and path.parent.name == "train"
+    records = load_driving_dataset(str(path))
+    assert len(records) >= 5 and (np.diff(np.asarray(records[0]["ego_waypoints"])[:, 0]) > 0).all()
