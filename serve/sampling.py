@@ -132,6 +132,16 @@ def sample_rows(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[in
     return results
 
 
+def row_maxima(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maximum of each row of `logits` (B, V) and the index of its first occurrence (B,), NaN counting as the
+    maximum, as `torch.max(dim=-1)` gives them. On the CPU through NumPy's argmax, which takes a fraction of the time
+    of torch's `max(dim=-1)` on one thread (a 16 x 151,661 batch: about 2 ms against 15 ms)."""
+    if logits.device.type != "cpu":
+        return logits.max(dim=-1)
+    tokens = torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
+    return logits[torch.arange(len(tokens)), tokens], tokens
+
+
 def sample_rows_isolated(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[int | SamplingError]:
     """The next token of each row of `logits` (B, V), or the `SamplingError` of that row alone: greedy rows take
     the argmax, the others draw from their warped softmax with their own generator."""
@@ -139,7 +149,7 @@ def sample_rows_isolated(logits: torch.Tensor, samplers: list[RequestSampler]) -
         raise ValueError(f"logits must have shape ({len(samplers)}, V), got {tuple(logits.shape)}.")
     logits = logits.float()
     # One pass gives the greedy tokens and, since max propagates NaN, the rows that cannot be sampled.
-    row_max, greedy_tokens = logits.max(dim=-1)
+    row_max, greedy_tokens = row_maxima(logits)
     finite = torch.isfinite(row_max).tolist()
     greedy_tokens = greedy_tokens.tolist()
     results: list[int | SamplingError] = []
