@@ -278,8 +278,12 @@ class LocalEngine(GenerationEngine):
                 raise ValueError(f"inputs['input_ids'] must have shape (1, S), got {tuple(input_ids.shape)}.")
             position_ids, slot.rope_delta = self._prompt_positions(inputs)
             keys, prefix_layers, reused = self._cached_prefix(inputs, request.adapter)
+            repeat = None if self.prefix_cache is None else self.prefix_cache.repeat(keys, input_ids[0])
             with torch.no_grad(), self._adapter(request.adapter):
-                if reused:
+                if repeat is not None:
+                    # The same whole prompt (tokens, images, adapter) ran before: its cache and last logits.
+                    outputs = repeat
+                elif reused:
                     # The prefix holds every non-text token: the rest of the prompt runs as text alone.
                     outputs = self.model(
                         input_ids=input_ids[:, reused:],
@@ -302,7 +306,8 @@ class LocalEngine(GenerationEngine):
             slot.cache = cache
             slot.cached_tokens = input_ids.shape[1]
             if self.prefix_cache is not None:
-                self.prefix_cache.store(keys, [(layer.keys, layer.values) for layer in cache.layers])
+                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                self.prefix_cache.store(keys, layers, input_ids[0], outputs.logits[:, -1:])
             token = slot.sampler.sample(outputs.logits[:, -1])
         except Exception as error:
             logger.exception("Prefill of request %s failed.", request.request_id)

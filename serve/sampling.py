@@ -89,8 +89,11 @@ def reduced_seed(seed: int) -> int:
 
 
 class TokenConstraint(Protocol):
-    """What a sequence's tokens must follow (structured output): `mask` sets the logits (V,) of the tokens it
-    forbids to -inf in place before a token is drawn; `accept` takes the drawn token (raises if it breaks it)."""
+    """What a sequence's tokens must follow (structured output): `allows(token)` says whether it allows a token next,
+    `mask` sets the logits (V,) of the tokens it forbids to -inf in place before a token is drawn; `accept` takes the
+    drawn token (raises if it breaks it)."""
+
+    def allows(self, token: int) -> bool: ...
 
     def mask(self, logits: torch.Tensor) -> None: ...
 
@@ -157,7 +160,7 @@ def sample_rows_isolated(logits: torch.Tensor, samplers: list[RequestSampler]) -
         if not finite[row]:
             results.append(SamplingError(f"the model's logits hold NaN or inf (row maximum {float(row_max[row])})."))
         elif sampler.constraint is not None:
-            results.append(_constrained(sampler, logits[row]))
+            results.append(_constrained(sampler, logits[row], greedy_tokens[row]))
         elif sampler.params.greedy:
             results.append(greedy_tokens[row])
         else:
@@ -165,10 +168,14 @@ def sample_rows_isolated(logits: torch.Tensor, samplers: list[RequestSampler]) -
     return results
 
 
-def _constrained(sampler: RequestSampler, logits: torch.Tensor) -> int | SamplingError:
-    """The next token of a constrained row: drawn (or the argmax) among the tokens its constraint allows."""
-    allowed = logits.clone()
+def _constrained(sampler: RequestSampler, logits: torch.Tensor, greedy_token: int) -> int | SamplingError:
+    """The next token of a constrained row: drawn (or the argmax) among the tokens its constraint allows. A greedy
+    row whose own argmax `greedy_token` is allowed takes it without masking: masking cannot move the argmax."""
     try:
+        if sampler.params.greedy and sampler.constraint.allows(greedy_token):
+            sampler.constraint.accept(greedy_token)
+            return greedy_token
+        allowed = logits.clone()
         sampler.constraint.mask(allowed)
         best, best_token = allowed.max(dim=0)
         if not torch.isfinite(best):

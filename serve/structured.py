@@ -16,18 +16,35 @@ from .sampling import SamplingError
 
 
 class GrammarConstraint:
-    """One sequence's grammar state: `mask(logits)` before a token is drawn from logits (V,), `accept(token)` after."""
+    """One sequence's grammar state: `allows(token)` and `mask(logits)` before a token is drawn from logits (V,),
+    `accept(token)` after. The bitmask (1, ceil(V / 32)) int32 is allocated once and filled once per token (whichever
+    of `allows` and `mask` comes first); a bitmask that allows every token is not applied."""
 
     def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int):
         self.matcher = xgrammar.GrammarMatcher(compiled)
+        self.vocab_size = vocab_size
         self.bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        #: The same memory as a NumPy array, for testing one token's bit without torch's indexing.
+        self.bits = self.bitmask.numpy()[0]
+        #: Whether the filled bitmask forbids any token; None until it is filled for the next token.
+        self.restricts: bool | None = None
+
+    def _fill(self) -> bool:
+        if self.restricts is None:
+            self.restricts = bool(self.matcher.fill_next_token_bitmask(self.bitmask))
+        return self.restricts
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows `token` next."""
+        return not self._fill() or bool((int(self.bits[token >> 5]) >> (token & 31)) & 1)
 
     def mask(self, logits: torch.Tensor) -> None:
         """Sets the logits (V,) of every token the grammar forbids now to -inf, in place."""
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        xgrammar.apply_token_bitmask_inplace(logits.view(1, -1), self.bitmask)
+        if self._fill():
+            xgrammar.apply_token_bitmask_inplace(logits.view(1, -1), self.bitmask, vocab_size=self.vocab_size)
 
     def accept(self, token: int) -> None:
+        self.restricts = None
         if not self.matcher.accept_token(token):
             raise SamplingError(f"token {token} does not continue the requested format.")
 

@@ -27,11 +27,15 @@ from serve_helpers import (
     tiny_parts,
 )
 
+from vlmheads.modeling.capabilities import backbone_config_of
 from vlmheads.serve import GenerationEngine, GenerationRequest, LocalEngine, TokenEvent
 from vlmheads.serve.__main__ import parse_args
 from vlmheads.serve.app import API_KEY_ENV, ServerLimits
 from vlmheads.serve.models import EMBEDDED_MODEL_ID
 from vlmheads.serve.openai_protocol import MAX_CHOICES
+from vlmheads.serve.prefix_cache import PrefixCache, block_keys
+from vlmheads.serve.sampling import RequestSampler, SamplingParams, sample_rows
+from vlmheads.serve.structured import GrammarCompiler, GrammarConstraint
 
 LIMITS = ServerLimits(max_body_bytes=200_000, max_images=2, max_image_bytes=60_000, max_image_pixels=100_000)
 
@@ -248,6 +252,31 @@ def test_structured_output_follows_the_schema_and_the_regex(client, temperature)
     assert re.fullmatch(pattern, answer.choices[0].message.content)
     with pytest.raises(openai.BadRequestError, match="guided_regex"):
         client.chat.completions.create(messages=messages, extra_body={"guided_regex": "(unclosed"}, **settings)
+
+
+def test_constrained_greedy_rows_pick_the_best_token_the_grammar_allows():
+    """A greedy constrained row takes the model's own argmax when the grammar allows it (without masking), else the
+    argmax of the masked logits; either way the token equals the argmax over the allowed tokens."""
+    model, processor = tiny_parts()
+    tokenizer = processor.tokenizer
+    vocab_size = backbone_config_of(model.config).get_text_config(decoder=True).vocab_size
+    compiled = GrammarCompiler(tokenizer, vocab_size, (tokenizer.eos_token_id,)).compile("regex", "[a-z]+( [a-z]+)*")
+    constraint = GrammarConstraint(compiled, vocab_size)
+    shadow = GrammarConstraint(compiled, vocab_size)
+    sampler = RequestSampler(SamplingParams(), constraint)
+    generator = torch.Generator().manual_seed(0)
+    allowed_argmax_taken = 0
+    for step in range(12):
+        logits = torch.randn(1, vocab_size, generator=generator)
+        if step % 2:  # make the unconstrained argmax a letter token, which the grammar allows
+            logits[0, tokenizer.convert_tokens_to_ids("road")] = 100.0
+        masked = logits[0].clone()
+        shadow.mask(masked)
+        expected = int(masked.argmax())
+        allowed_argmax_taken += int(logits[0].argmax()) == expected
+        assert sample_rows(logits, [sampler]) == [expected]
+        shadow.accept(expected)
+    assert 0 < allowed_argmax_taken < 12
 
 
 def test_stream_without_usage_ends_with_done(base_url):
@@ -523,7 +552,69 @@ def test_trajectory_refuses_wrong_shapes(base_url):
     assert response.status_code == 400 and response.json()["error"]["param"] == "can_bus"
 
 
+def test_a_repeated_prompt_holds_one_prefix_cache_entry():
+    """Storing a prompt again (after a hit) replaces its own entry instead of evicting another prompt's."""
+    cache = PrefixCache(max_entries=2)
+    layers = [(torch.zeros(1, 1, 48, 4), torch.zeros(1, 1, 48, 4))]
+    prompt, other = block_keys(torch.arange(48), b"image"), block_keys(torch.arange(48) + 100, b"image")
+    cache.store(other, layers)
+    cache.store(prompt, layers)
+    for _ in range(3):
+        assert cache.longest_prefix(prompt, minimum=0, limit=47)[1] == 32
+        cache.store(prompt, layers)
+    assert len(cache.entries) == 2 and cache.longest_prefix(other, minimum=0, limit=47)[1] == 32
+    # A longer prompt that opens with a cached one takes over all of its keys: the shorter entry goes.
+    longer = block_keys(torch.arange(64), b"image")
+    cache.store(longer, [(torch.zeros(1, 1, 64, 4), torch.zeros(1, 1, 64, 4))])
+    assert len(cache.entries) == 2 and cache.longest_prefix(longer, minimum=0, limit=63)[1] == 48
+    assert cache.longest_prefix(other, minimum=0, limit=47)[1] == 32
+
+
 # ---- /classify ----------------------------------------------------------------------------------------------------
+
+
+def test_a_repeated_prompt_reuses_its_cache_and_first_logits():
+    """The same whole prompt (text and image) again runs no model call before its first token, and answers with the
+    same tokens as model.generate; the same text with another image runs its prefill."""
+    model, processor = tiny_parts()
+    engine = LocalEngine(model, processor, prefix_cache_entries=4)
+    text = "Describe the road ahead of the car: the lanes, the signs, the lights and every vehicle, in detail."
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], add_generation_prompt=True
+    )
+    same, other = (dict(processor(images=[camera_image(seed)], text=[prompt], return_tensors="pt")) for seed in (1, 2))
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(module))
+
+    def first_token_calls(inputs: dict, request_id: str) -> tuple[int, list[int]]:
+        """Model calls before the request's first token, and its 6 greedy tokens."""
+        tokens, at_first_token, before, done = [], [], len(calls), threading.Event()
+
+        def on_event(event: TokenEvent) -> None:
+            if event.token_id is not None:
+                if not tokens:
+                    at_first_token.append(len(calls))
+                tokens.append(event.token_id)
+            if event.finish_reason is not None:
+                done.set()
+
+        engine.submit(GenerationRequest(request_id, inputs, 6), on_event)
+        assert done.wait(60)
+        return at_first_token[0] - before, tokens
+
+    try:
+        expected = model.generate(**same, max_new_tokens=6, do_sample=False, eos_token_id=[])[0, -6:].tolist()
+        assert first_token_calls(same, "first") == (1, expected)
+        assert first_token_calls(same, "repeat") == (0, expected)
+        assert first_token_calls(other, "other image")[0] == 1
+        assert engine.prefix_cache.repeats == 1
+    finally:
+        hook.remove()
+        engine.close()
+
+
+#: Pixel limits that the classify tests' photos (at most 48x40 + 30x90) keep within, and three 80x60 images exceed.
+RECEIPT_LIMITS = ServerLimits(max_image_pixels=10_000, max_request_pixels=12_000)
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +622,7 @@ def receipt_server():
     processor = make_receipt_processor()
     model = make_receipt_model(processor)
     engine = LocalEngine(model, processor, model_id="tiny-receipts")
-    with served(engine) as url:
+    with served(engine, limits=RECEIPT_LIMITS) as url:
         yield url, model, processor
     engine.close()
 
@@ -561,6 +652,21 @@ def test_classify_a_chat_turn(receipt_server):
     body = {"messages": chat_body("How many receipts?", data_url(photo(3)))["messages"]}
     result = httpx.post(f"{url}/classify", json=body).json()
     assert len(result["data"]) == 1 and abs(sum(result["data"][0]["probs"]) - 1) < 1e-5
+
+
+def test_classify_counts_every_image_against_the_request_pixel_budget(receipt_server):
+    url, _, _ = receipt_server
+    images = [data_url(photo(seed, 80, 60)) for seed in range(3)]  # 4,800 pixels each; the request may hold 12,000
+    assert httpx.post(f"{url}/classify", json={"input": images[:2]}).status_code == 200
+    response = httpx.post(f"{url}/classify", json={"input": images})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "image_too_large" and error["param"] == "input.2"
+    assert "14400 pixels" in error["message"] and "--max-request-pixels" in error["message"]
+    turn = [{"type": "image_url", "image_url": {"url": image}} for image in images]
+    turn.append({"type": "text", "text": "How many?"})
+    response = httpx.post(f"{url}/classify", json={"messages": [{"role": "user", "content": turn}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content.2"
 
 
 def test_endpoints_a_model_lacks_are_refused(receipt_server, base_url):
