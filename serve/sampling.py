@@ -89,11 +89,11 @@ def reduced_seed(seed: int) -> int:
 
 
 class TokenConstraint(Protocol):
-    """What a sequence's tokens must follow (structured output): `allows(token)` says whether it allows a token next,
-    `mask` sets the logits (V,) of the tokens it forbids to -inf in place before a token is drawn; `accept` takes the
-    drawn token (raises if it breaks it)."""
+    """What a sequence's tokens must follow (structured output): `mask` sets the logits (V,) of the tokens it
+    forbids to -inf in place before a token is drawn; `accept` takes the drawn token (raises if it breaks it);
+    `best_allowed(logits, argmax)` may find and take a greedy row's token without a mask (None: mask)."""
 
-    def allows(self, token: int) -> bool: ...
+    def best_allowed(self, logits: torch.Tensor, argmax: int) -> int | None: ...
 
     def mask(self, logits: torch.Tensor) -> None: ...
 
@@ -170,11 +170,13 @@ def sample_rows_isolated(logits: torch.Tensor, samplers: list[RequestSampler]) -
 
 def _constrained(sampler: RequestSampler, logits: torch.Tensor, greedy_token: int) -> int | SamplingError:
     """The next token of a constrained row: drawn (or the argmax) among the tokens its constraint allows. A greedy
-    row whose own argmax `greedy_token` is allowed takes it without masking: masking cannot move the argmax."""
+    row asks its constraint first, which may find that token without a mask (from `greedy_token`, the row's own
+    argmax, and the next best)."""
     try:
-        if sampler.params.greedy and sampler.constraint.allows(greedy_token):
-            sampler.constraint.accept(greedy_token)
-            return greedy_token
+        if sampler.params.greedy:
+            token = sampler.constraint.best_allowed(logits, greedy_token)
+            if token is not None:
+                return token
         allowed = logits.clone()
         sampler.constraint.mask(allowed)
         best, best_token = allowed.max(dim=0)

@@ -254,29 +254,49 @@ def test_structured_output_follows_the_schema_and_the_regex(client, temperature)
         client.chat.completions.create(messages=messages, extra_body={"guided_regex": "(unclosed"}, **settings)
 
 
+class CountingMatcher:
+    """A grammar matcher that counts its bitmask fills."""
+
+    def __init__(self, matcher):
+        self.matcher, self.fills = matcher, 0
+
+    def __getattr__(self, name):
+        return getattr(self.matcher, name)
+
+    def fill_next_token_bitmask(self, *args):
+        self.fills += 1
+        return self.matcher.fill_next_token_bitmask(*args)
+
+
 def test_constrained_greedy_rows_pick_the_best_token_the_grammar_allows():
-    """A greedy constrained row takes the model's own argmax when the grammar allows it (without masking), else the
-    argmax of the masked logits; either way the token equals the argmax over the allowed tokens."""
+    """A greedy constrained row takes the best of the model's tokens that the grammar allows, offering them one by
+    one before it fills a bitmask; its token always equals the argmax of the masked logits."""
     model, processor = tiny_parts()
     tokenizer = processor.tokenizer
     vocab_size = backbone_config_of(model.config).get_text_config(decoder=True).vocab_size
     compiled = GrammarCompiler(tokenizer, vocab_size, (tokenizer.eos_token_id,)).compile("regex", "[a-z]+( [a-z]+)*")
-    constraint = GrammarConstraint(compiled, vocab_size)
-    shadow = GrammarConstraint(compiled, vocab_size)
+    constraint, shadow = GrammarConstraint(compiled, vocab_size), GrammarConstraint(compiled, vocab_size)
+    constraint.matcher = CountingMatcher(constraint.matcher)
     sampler = RequestSampler(SamplingParams(), constraint)
     generator = torch.Generator().manual_seed(0)
-    allowed_argmax_taken = 0
-    for step in range(12):
+    letters = [tokenizer.convert_tokens_to_ids(word) for word in ("road", "lane", "car")]
+    digits = [tokenizer.convert_tokens_to_ids(digit) for digit in "0123456789"]
+    for step in range(16):
         logits = torch.randn(1, vocab_size, generator=generator)
-        if step % 2:  # make the unconstrained argmax a letter token, which the grammar allows
-            logits[0, tokenizer.convert_tokens_to_ids("road")] = 100.0
+        if step % 4 == 1:  # the model's best token is a word, which the grammar allows
+            logits[0, letters[step % 3]] = 100.0
+        elif step % 4 == 2:  # its 5 best tokens are digits, then comes a word
+            logits[0, digits[:5]] = torch.arange(110.0, 105.0, -1.0)
+            logits[0, letters[step % 3]] = 99.0
+        elif step % 4 == 3:  # its 10 best tokens are digits, more than are offered: the bitmask decides
+            logits[0, digits] = torch.arange(110.0, 100.0, -1.0)
         masked = logits[0].clone()
         shadow.mask(masked)
         expected = int(masked.argmax())
-        allowed_argmax_taken += int(logits[0].argmax()) == expected
         assert sample_rows(logits, [sampler]) == [expected]
         shadow.accept(expected)
-    assert 0 < allowed_argmax_taken < 12
+    # The 4 steps with 10 digits on top filled the bitmask (random logits rarely add one: 9 forbidden in a row).
+    assert 4 <= constraint.matcher.fills <= 6
 
 
 def test_stream_without_usage_ends_with_done(base_url):
