@@ -13,11 +13,15 @@ With `--hostile_seconds S`, a hostile load run follows: `hostile_clients` client
 streams abandoned after their first token, and one client sending bad inputs throughout (malformed and out-of-range
 bodies, oversized images, non-finite driving values); the 5xx answers to good and to bad requests, and the server's
 RSS before and after. With `--image_memory`, a server that admits 4096x4096 images decodes six concurrent requests
-of four 4096x4096 RGBA PNGs; its RSS before, at the peak and after. With `--structured_output`, the time per token
-of requests with a `guided_regex` beside unconstrained ones.
+of four 4096x4096 RGBA PNGs; its RSS before, at the peak and after. With `--structured_output`, the server's time
+between tokens of requests with a `guided_regex` and with a `json_schema` beside unconstrained ones. With
+`--prefix_cache`, the time to first token of prompts opening with `prefix_tokens` tokens of their own, each sent
+twice in a row (uncached, then from the prefix cache) with both answers compared, beside the same on a server whose
+prefix cache is off. `--only` skips runs 1-3.
 
     python benchmarks/bench_serve.py                      # the BENCHMARKS.md configuration
     python benchmarks/bench_serve.py --hostile_seconds 60 --hostile_clients 64 --image_memory --structured_output
+    python benchmarks/bench_serve.py --only --prefix_cache --structured_output
     python benchmarks/bench_serve.py --model outputs/orion_demo
 """
 
@@ -55,6 +59,13 @@ class BenchmarkArguments:
     image_memory: bool = field(default=False, metadata={"help": "Measure RSS around six 4x4096^2 RGBA requests."})
     structured_output: bool = field(
         default=False, metadata={"help": "Time per token with a guided_regex beside unconstrained requests."}
+    )
+    prefix_cache: bool = field(
+        default=False, metadata={"help": "Time to first token of repeated long-prefix prompts, cached and not."}
+    )
+    prefix_tokens: int = field(default=256, metadata={"help": "Tokens of the prompts' own prefix (--prefix_cache)."})
+    only: bool = field(
+        default=False, metadata={"help": "Skip the throughput and load runs: only the runs the flags ask for."}
     )
 
 
@@ -146,6 +157,20 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    if not args.only:
+        throughput_and_load(args)
+    if args.hostile_seconds > 0:
+        hostile_load(args)
+    if args.image_memory:
+        image_memory(args)
+    if args.structured_output:
+        structured_output(args)
+    if args.prefix_cache:
+        prefix_cache(args)
+
+
+def throughput_and_load(args: BenchmarkArguments) -> None:
+    """Runs 1 and 2 (throughput one at a time and with `clients` clients), and run 3 (the load test)."""
     process, base_url = start_server(args)
     try:
         model_id = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
@@ -196,55 +221,160 @@ def main() -> None:
         f"{percentile(latencies, 0.99) * 1000:.0f} |"
     )
 
-    if args.hostile_seconds > 0:
-        hostile_load(args)
-    if args.image_memory:
-        image_memory(args)
-    if args.structured_output:
-        structured_output(args)
+
+PREFIX_WORDS = "the road ahead is clear and a car turns left at the next light while we keep our lane".split()
 
 
-def inter_token_seconds(http: httpx.Client, base_url: str, body: dict) -> float | None:
-    """Streams `body`; the mean time between its content chunks after the first (None under 3 chunks)."""
-    arrivals = []
-    with http.stream("POST", f"{base_url}/v1/chat/completions", json={**body, "stream": True}) as response:
+def prefix_request(index: int, prefix_tokens: int, question: str = "what should the car do next?") -> dict:
+    """A streamed greedy request of 8 tokens whose prompt opens with about `prefix_tokens` tokens of its own, a
+    system message (`index` picks the words, and its first block holds the index: common English words are one Qwen
+    token each), then the user's `question`."""
+    words = [PREFIX_WORDS[(index * 7 + position * (1 + index % 5)) % len(PREFIX_WORDS)] for position in range(9999)]
+    context = f"Trip {index}: " + " ".join(words[: prefix_tokens - 8])
+    messages = [{"role": "system", "content": context}, {"role": "user", "content": f"Question: {question}"}]
+    return {
+        "messages": messages,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def first_token(http: httpx.Client, base_url: str, body: dict) -> tuple[float, tuple[str, int]]:
+    """(seconds to the first chunk after the role chunk, (the answer's text, its completion tokens)) of a streamed
+    request."""
+    start = time.perf_counter()
+    seconds, text, usage, chunks = None, "", {}, 0
+    with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()!r}")
         for line in response.iter_lines():
-            if '"content":"' in line and '"content":""' not in line:
-                arrivals.append(time.perf_counter())
-    return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) >= 3 else None
+            if not line.startswith("data: {"):
+                continue
+            chunks += 1
+            if chunks == 2:
+                seconds = time.perf_counter() - start
+            chunk = json.loads(line[len("data: ") :])
+            usage = chunk.get("usage") or usage
+            text += "".join(choice["delta"].get("content") or "" for choice in chunk["choices"])
+    return seconds, (text, usage["completion_tokens"])
+
+
+PREFIX_CASES = ("first", "repeated", "shared prefix")
+
+
+def prefix_cache(args: BenchmarkArguments) -> None:
+    """Per round, one request at a time: a prompt with a new `prefix_tokens`-token prefix (first: a miss), the same
+    prompt again (repeated: the whole prompt's cache and first logits are reused), and the same prefix with another
+    question (shared prefix: every whole 16-token block of the prefix is reused, the rest runs). Median time to first
+    token of each (to the first chunk after the role chunk). The same rounds on a server whose prefix cache is off
+    give the uncached answers, which the cached ones must equal (text and token count)."""
+    ttft: dict[str, dict[str, list[float]]] = {}
+    answers: dict[tuple[str, str, int], tuple[str, int]] = {}
+    prompt_tokens = {}
+    for server in ("on", "off"):
+        process, base_url = start_server(args, "--prefix-cache-entries", "8" if server == "on" else "0")
+        ttft[server] = {case: [] for case in PREFIX_CASES}
+        try:
+            with httpx.Client(timeout=300) as http:
+                for index in range(args.requests + 2):
+                    bodies = [prefix_request(index, args.prefix_tokens)] * 2
+                    bodies.append(prefix_request(index, args.prefix_tokens, "is the lane to the left free?"))
+                    for case, body in zip(PREFIX_CASES, bodies, strict=True):
+                        seconds, answers[server, case, index] = first_token(http, base_url, body)
+                        if index >= 2:  # the first rounds warm the server up
+                            ttft[server][case].append(seconds)
+                prompt_tokens = http.post(
+                    f"{base_url}/v1/chat/completions", json={**bodies[0], "stream": False, "stream_options": None}
+                ).json()["usage"]["prompt_tokens"]
+        finally:
+            process.terminate()
+            process.wait(60)
+    rounds = range(2, args.requests + 2)
+    print()
+    print(
+        f"Prefix cache: {args.requests} rounds, one request at a time, of a prompt with its own "
+        f"{args.prefix_tokens}-token prefix ({prompt_tokens} prompt tokens), the same again, and the same prefix "
+        "with another question; greedy, 8 tokens, streamed"
+    )
+    print()
+    print("| request | TTFT, cache on [ms] | / first | TTFT, cache off [ms] | / first | answers equal uncached |")
+    print("|---|---|---|---|---|---|")
+    medians = {server: {case: statistics.median(ttft[server][case]) for case in PREFIX_CASES} for server in ttft}
+    for case in PREFIX_CASES:
+        equal = sum(answers["on", case, index] == answers["off", case, index] for index in rounds)
+        on, off = medians["on"], medians["off"]
+        print(
+            f"| {case} | {on[case] * 1000:.2f} | {on[case] / on['first']:.2f}x | {off[case] * 1000:.2f} | "
+            f"{off[case] / off['first']:.2f}x | {equal}/{args.requests} |"
+        )
+
+
+def inter_token_totals(http: httpx.Client, base_url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of the server's inter-token latency histogram (GET /metrics)."""
+    totals = {}
+    for line in http.get(f"{base_url}/metrics").text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"vlmheads:inter_token_latency_seconds_{part} "):
+                totals[part] = float(line.split()[1])
+    return totals["sum"], totals["count"]
+
+
+STRUCTURED_FORMATS = {
+    "unconstrained": {},
+    "guided_regex": {"guided_regex": "[a-z]+( [a-z]+)*"},
+    "json_schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "road",
+                "schema": {
+                    "type": "object",
+                    "properties": {"action": {"type": "string"}, "lanes": {"type": "integer"}},
+                    "required": ["action", "lanes"],
+                },
+            },
+        }
+    },
+}
 
 
 def structured_output(args: BenchmarkArguments) -> None:
-    """Sequential greedy streamed requests, alternately unconstrained and with a guided_regex: the median time
-    between tokens (prefill and HTTP set-up left out, as answers of different lengths would weigh them apart)."""
+    """Sequential greedy requests, unconstrained, with a guided_regex and with a json_schema in turn: the mean time
+    between a request's tokens as the server measures it (its inter-token latency histogram, read before and after
+    each request; prefill, HTTP set-up and the chunking of the text left out), median over requests."""
     process, base_url = start_server(args)
-    pattern = "[a-z]+( [a-z]+)*"
-    per_token: dict[str, list[float]] = {"unconstrained": [], "guided_regex": []}
+    per_token: dict[str, list[float]] = {kind: [] for kind in STRUCTURED_FORMATS}
+    tokens: dict[str, int] = dict.fromkeys(STRUCTURED_FORMATS, 0)
     try:
         with httpx.Client(timeout=300) as http:
-            for index in range(2 * args.requests + 2):
-                body = chat_request(index // 2, args.max_tokens, image=False, stream=True)
-                body.pop("stream_options")
-                kind = "guided_regex" if index % 2 else "unconstrained"
-                if index % 2:
-                    body["guided_regex"] = pattern
-                seconds = inter_token_seconds(http, base_url, body)
-                if index >= 2 and seconds is not None:
-                    per_token[kind].append(seconds)
+            for index in range(args.requests + 2):
+                for kind, extra in STRUCTURED_FORMATS.items():
+                    body = {**chat_request(index, args.max_tokens, image=False, stream=False), **extra}
+                    before = inter_token_totals(http, base_url)
+                    status, completion_tokens, _ = send(http, base_url, body)
+                    after = inter_token_totals(http, base_url)
+                    if status != 200:
+                        raise RuntimeError(f"{kind} request {index}: HTTP {status}")
+                    if index >= 2 and after[1] > before[1]:  # the first rounds warm up (and compile the grammars)
+                        per_token[kind].append((after[0] - before[0]) / (after[1] - before[1]))
+                        tokens[kind] += completion_tokens
     finally:
         process.terminate()
         process.wait(60)
     unconstrained = statistics.median(per_token["unconstrained"])
-    constrained = statistics.median(per_token["guided_regex"])
     print()
-    print(f"Structured output: {args.requests} greedy requests each way, alternating, guided_regex {pattern!r}")
+    print(
+        f"Structured output: {args.requests} greedy requests of up to {args.max_tokens} tokens of each kind, in turn; "
+        "the server's inter-token latency"
+    )
     print()
-    print("| requests | measured | median ms between tokens |")
-    print("|---|---|---|")
-    print(f"| unconstrained | {len(per_token['unconstrained'])} | {unconstrained * 1000:.2f} |")
-    print(f"| guided_regex | {len(per_token['guided_regex'])} | {constrained * 1000:.2f} |")
-    print()
-    print(f"structured / unconstrained per token: {constrained / unconstrained:.2f}x")
+    print("| requests | measured | tokens | median ms between tokens | / unconstrained |")
+    print("|---|---|---|---|---|")
+    for kind, values in per_token.items():
+        median = statistics.median(values)
+        print(f"| {kind} | {len(values)} | {tokens[kind]} | {median * 1000:.2f} | {median / unconstrained:.2f}x |")
 
 
 def rss_mib(process: subprocess.Popen) -> float:
