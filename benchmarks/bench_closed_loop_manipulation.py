@@ -26,6 +26,8 @@ and skipped when the script runs again, so that a run cut short resumes. The tab
 the episodes per task each row ran.
 
     python benchmarks/bench_closed_loop_manipulation.py                 # the BENCHMARKS.md configuration
+    python benchmarks/bench_closed_loop_manipulation.py --out outputs/metaworld-2000 --models full:regression \
+        --tables_only --figure benchmarks/figures/closed_loop_manipulation_regression.png  # tables, README picture
     python benchmarks/bench_closed_loop_manipulation.py --train_episodes 2 --eval_episodes 2 --steps 10  # a smoke run
 """
 
@@ -80,6 +82,12 @@ class BenchmarkArguments:
     batch_size: int = field(default=32)
     chunk_size: int = field(default=4, metadata={"help": "Actions per chunk (executed before the next frame)."})
     workers: int = field(default=1, metadata={"help": "Subprocesses at a time (at most one per core)."})
+    tables_only: bool = field(
+        default=False, metadata={"help": "Print the tables of the results written so far; run no stage."}
+    )
+    figure: str | None = field(
+        default=None, metadata={"help": "PNG of four frames of the first model's first episode of each task."}
+    )
 
 
 def run(command: list[str], log: Path) -> None:
@@ -119,9 +127,11 @@ def manipulate(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "vlmheads.closed_loop.manipulation", *arguments]
 
 
-def collect_jobs(args: BenchmarkArguments, out: Path) -> list:
+def collect_jobs(args: BenchmarkArguments, out: Path, models: list[tuple[str, str]]) -> list:
+    """The collections the models' settings need ("image" reads the image-goal data) that are not there yet."""
+    needed = {"image-goal" if observation == "image" else observation for observation, _ in models}
     jobs = []
-    for observation in COLLECTED:
+    for observation in (setting for setting in COLLECTED if setting in needed):
         for split, seed, episodes in (
             ("train", 0, args.train_episodes),
             ("val", VALIDATION_SEED, args.validation_episodes),
@@ -231,14 +241,33 @@ def tables(out: Path, models: list[tuple[str, str]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def video_sheet(videos: Path, tasks: list[str], path: Path, size: int = 128, label: int = 170) -> None:
+    """One row per task: four frames, start to end, of the task's video in `videos`, its name at the left."""
+    import imageio.v2 as imageio
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    sheet = Image.new("RGB", (label + 4 * size, len(tasks) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, task in enumerate(tasks):
+        frames = imageio.mimread(videos / f"{task}.mp4", memtest=False)
+        for column, index in enumerate(np.linspace(0, len(frames) - 1, 4).round().astype(int)):
+            sheet.paste(Image.fromarray(frames[index]).resize((size, size)), (label + column * size, row * size))
+        draw.text((6, row * size + size // 2 - 6), task, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     check_seed_ranges(args)
     out, models, tasks = Path(args.out).resolve(), parse_models(args.models), args.tasks.split(",")
-    parallel(collect_jobs(args, out), args.workers)
-    derive_stateless(out)
-    parallel(train_jobs(args, out, models), args.workers)
-    parallel(evaluate_jobs(args, out, models), args.workers)
+    if not args.tables_only:
+        parallel(collect_jobs(args, out, models), args.workers)
+        if any(observation == "image" for observation, _ in models):
+            derive_stateless(out)
+        parallel(train_jobs(args, out, models), args.workers)
+        parallel(evaluate_jobs(args, out, models), args.workers)
     print(
         f"Success rates over {args.eval_episodes} held-out seeds per task ({HELD_OUT_SEED}.."
         f"{HELD_OUT_SEED + args.eval_episodes - 1}); {args.train_episodes} expert demonstrations per task; "
@@ -246,6 +275,9 @@ def main() -> None:
         "and tiny π0."
     )
     print(tables(out, models, tasks))
+    if args.figure:
+        observation, head = models[0]
+        video_sheet(out / "videos" / f"{observation}-{head}", tasks, Path(args.figure))
 
 
 if __name__ == "__main__":
