@@ -20,10 +20,13 @@ Graphs (all with dynamic batch and sequence axes unless said otherwise):
   (3, B, S) for M-RoPE families or (B, S) for 1-D ones, `past_sequence_length` (0-d int64: P, the positions already
   filled) and one key and one value buffer (B, kv_heads, T, head_dim) per layer (`past_key_values.{i}.key|value`)
   → next-token `logits` (B, V) (float32, the last position only), the buffers with the S new keys and values
-  written at P … P + S - 1 (`present.{i}.key|value`) and, for Orion, the last `hidden_states` (B, S, H). Each
-  buffer goes through one ScatterND from input to output, so a host that binds one preallocated buffer as both
-  past and present (`OnnxVLM`, through ONNX Runtime IO binding) has it written in place: no per-token
-  concatenation or copy of the cache. A prefill is the call with P = 0; T is the capacity the host chose.
+  written at P … P + S - 1 (`present.{i}.key|value`) and, for Orion, the last `hidden_states` (B, S, H). The
+  traced graph is rewritten into the layout of ONNX Runtime GenAI's model builder (`fusion.py`: packed
+  projections, skip RMS normalization, `RotaryEmbedding`, and each layer's attention as `GroupQueryAttention` over
+  the buffers; a decoder whose rotary embedding does not match keeps ONNX `Attention` after one ScatterND per
+  buffer). Either way a host that binds one preallocated buffer as both past and present (`OnnxVLM`, through ONNX
+  Runtime IO binding) has it written in place: no per-token concatenation or copy of the cache. A prefill is the
+  call with P = 0; T is the capacity the host chose.
 - `trajectory` (Orion): the hidden state at `<ego_wp>` (B, H) (and the flow planner's `noise` (B, T, D)) →
   `trajectory_modes` (B, M, T, D) (float32).
 - classifiers with `pooling="vision"`: `classifier` (Mllama, the receipt classifier: pixels → logits in one graph,
@@ -42,9 +45,11 @@ its ONNX `Attention` nodes read the (B, kv_heads, T, head_dim) keys and values a
 """
 
 import copy
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -58,8 +63,17 @@ from transformers.cache_utils import Cache, StaticLayer
 from ..configuration.constants import HEAD_CLASSIFICATION, HEAD_GENERATION, HEAD_TRAJECTORY
 from ..modeling.capabilities import backbone_family_of, head_kind_of
 from ..modeling.families import CROSS_ATTENTION, POSITIONS_MROPE, VLM_FAMILIES, VLMFamily, get_module
+from .fusion import fuse_decoder
 from .manifest import MANIFEST_NAME, MROPE_RULE, staged_export, write_manifest
-from .runtime import PAST_LENGTH_INPUT, PAST_PREFIX, PRESENT_PREFIX
+from .runtime import (
+    ATTENTION_MASK_INPUT,
+    HIDDEN_STATES_OUTPUT,
+    INPUTS_EMBEDS_INPUT,
+    LOGITS_OUTPUT,
+    PAST_LENGTH_INPUT,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +270,24 @@ def export_graph(
     return graph_entry(path)
 
 
+def rewrite_graph(path: Path, rewrite: Callable[[onnx.ModelProto], dict[str, int]]) -> dict[str, int]:
+    """Loads the graph at `path`, applies `rewrite` to it in place and saves it back (its weights in one external
+    data file when they were external); returns what `rewrite` returns."""
+    model = onnx.load(str(path))
+    external = any(
+        tensor.data_location == onnx.TensorProto.EXTERNAL
+        for tensor in onnx.load(str(path), load_external_data=False).graph.initializer
+    )
+    counts = rewrite(model)
+    for stale in path.parent.glob(f"{path.name}*.data"):
+        stale.unlink()
+    onnx.save_model(
+        model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=f"{path.name}.data"
+    )
+    logger.info("Rewrote %s: %s", path, counts)
+    return counts
+
+
 def text_sizes(model: PreTrainedModel) -> dict[str, int]:
     """The decoder's sizes the host needs: layers, key/value heads, head and hidden size, vocabulary, context."""
     text_config = model.config.get_text_config()
@@ -323,12 +355,12 @@ def export_decoder(
     kv_shape = (batch, sizes["num_key_value_heads"], total, sizes["head_dim"])
     buffers = [torch.randn(kv_shape, **on_model) for _ in range(2 * sizes["num_layers"])]
     outputs = [
-        "logits",
-        *(["hidden_states"] if with_hidden_states else []),
+        LOGITS_OUTPUT,
+        *([HIDDEN_STATES_OUTPUT] if with_hidden_states else []),
         *past_names(sizes["num_layers"], PRESENT_PREFIX),
     ]
     with mock.patch.dict(os.environ, {FORCE_GQA_VARIABLE: "1"}):
-        return export_graph(
+        export_graph(
             DecoderGraph(model, family, with_hidden_states),
             (inputs_embeds, attention_mask, position_ids.contiguous(), torch.tensor(past), *buffers),
             (
@@ -338,10 +370,26 @@ def export_decoder(
                 None,
                 tuple([{0: "batch", 2: "capacity"}] * len(buffers)),
             ),
-            ["inputs_embeds", "attention_mask", "position_ids", PAST_LENGTH_INPUT, *past_names(sizes["num_layers"])],
+            [
+                INPUTS_EMBEDS_INPUT,
+                ATTENTION_MASK_INPUT,
+                "position_ids",
+                PAST_LENGTH_INPUT,
+                *past_names(sizes["num_layers"]),
+            ],
             outputs,
             out_dir / "decoder.onnx",
         )
+    fusions = rewrite_graph(
+        out_dir / "decoder.onnx",
+        functools.partial(
+            fuse_decoder,
+            attention_mask=ATTENTION_MASK_INPUT,
+            past_sequence_length=PAST_LENGTH_INPUT,
+            inputs_embeds=INPUTS_EMBEDS_INPUT,
+        ),
+    )
+    return {**graph_entry(out_dir / "decoder.onnx"), "fusions": fusions}
 
 
 def export_driving(model: PreTrainedModel, out_dir: Path) -> dict[str, Any]:

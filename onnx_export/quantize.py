@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from .manifest import read_manifest, write_manifest
-from .runtime import OnnxVLM
+from .runtime import LOGITS_OUTPUT, OnnxVLM
 
 INT8_DECODER = "decoder_int8"
 INT4_DECODER = "decoder_int4"
@@ -34,15 +34,17 @@ INT4_ALGORITHMS = ("rtn", "hqq")
 
 
 def lm_head_matmuls(model: onnx.ModelProto, vocab_size: int) -> list[str]:
-    """Names of the MatMul nodes whose constant weight is (hidden, `vocab_size`): the LM head."""
+    """Names of the LM head's MatMul: the constant-weight (hidden, `vocab_size`) MatMul the `logits` output is
+    computed from (found backwards from it, so that a packed projection of the same width is never taken)."""
     shapes = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
-    return [
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul"
-        and len(shapes.get(node.input[1], ())) == 2
-        and shapes[node.input[1]][1] == vocab_size
-    ]
+    producers = {name: node for node in model.graph.node for name in node.output}
+    name = LOGITS_OUTPUT
+    while name in producers:
+        node = producers[name]
+        if node.op_type == "MatMul" and len(shapes.get(node.input[1], ())) == 2:
+            return [node.name] if shapes[node.input[1]][1] == vocab_size else []
+        name = node.input[0]
+    return []
 
 
 def _int4_model(
@@ -195,18 +197,19 @@ def top1_agreement(
     max_new_tokens: int = 8,
     providers: list[str] | None = None,
     decoder: str = INT8_DECODER,
+    session_options: ort.SessionOptions | None = None,
 ) -> float:
     """Fraction of positions at which the quantized `decoder` ("decoder_int8" or "decoder_int4") and the float
     `decoder` pick the same top-1 token.
 
     Each prompt (a dict of `OnnxVLM.prefill` inputs) is decoded greedily for `max_new_tokens` steps by the float
     decoder; the int8 decoder is fed the same tokens (teacher forcing), so every step compares both decoders'
-    argmax on the same context. Positions: prompts × rows × `max_new_tokens`.
+    argmax on the same context. Positions: prompts × rows × `max_new_tokens`. `session_options` go to both hosts.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    reference = OnnxVLM(out_dir, providers)
-    quantized = OnnxVLM(out_dir, providers, decoder=decoder)
+    reference = OnnxVLM(out_dir, providers, session_options)
+    quantized = OnnxVLM(out_dir, providers, session_options, decoder=decoder)
     agreeing = total = 0
     for prompt in prompts:
         reference_state = reference.prefill(**prompt, max_new_tokens=max_new_tokens)

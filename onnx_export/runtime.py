@@ -24,6 +24,8 @@ DEFAULT_NEW_TOKENS = 64
 # The decoder graph's buffer inputs and outputs (`past_key_values.{i}.key`, `present.{i}.value`, ...) and the input
 # that says how many buffer positions are filled; the export names its graph inputs and outputs with these.
 PAST_PREFIX, PRESENT_PREFIX, PAST_LENGTH_INPUT = "past_key_values.", "present.", "past_sequence_length"
+ATTENTION_MASK_INPUT, INPUTS_EMBEDS_INPUT = "attention_mask", "inputs_embeds"
+LOGITS_OUTPUT, HIDDEN_STATES_OUTPUT = "logits", "hidden_states"
 # Orion's driving inputs, the placeholder token (manifest token_ids key) each fills, in the driving graph's order.
 DRIVING_FEATURES = {"scene_queries": "scene", "history_queries": "history", "can_bus": "can_bus"}
 
@@ -40,33 +42,51 @@ class KeyValueCache:
         shape: tuple[int, int, int, int],
         dtype: np.dtype,
         device: str,
-        host_outputs: list[str],
+        vocab_size: int,
+        with_hidden_states: bool,
     ):
         self.session = session
         self.capacity = shape[2]
         self.binding = session.io_binding()
-        # Outputs that come back to the host (logits, Orion's hidden states), bound first: they lead get_outputs().
-        self.host_outputs = list(host_outputs)
-        for name in self.host_outputs:
+        # Outputs that come back to the host, bound first (they lead get_outputs()): the next-token logits (B, V)
+        # into one host array bound once by address, and Orion's hidden states (B, S, H), whose shape varies.
+        self.logits = np.empty((shape[0], vocab_size), dtype=np.float32)
+        self.binding.bind_output(LOGITS_OUTPUT, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        self.dynamic_outputs = [HIDDEN_STATES_OUTPUT] if with_hidden_states else []
+        for name in self.dynamic_outputs:
             self.binding.bind_output(name, "cpu")
-        self.num_host_outputs = len(host_outputs)
+        self.num_host_outputs = 1 + len(self.dynamic_outputs)
         past = [entry.name for entry in session.get_inputs() if entry.name.startswith(PAST_PREFIX)]
         present = [entry.name for entry in session.get_outputs() if entry.name.startswith(PRESENT_PREFIX)]
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0) for _ in past]
         for past_name, present_name, buffer in zip(past, present, self.buffers, strict=True):
             self.binding.bind_ortvalue_input(past_name, buffer)
             self.binding.bind_ortvalue_output(present_name, buffer)
+        # The attention mask over the whole buffer (B, T) and the filled length P, bound once by address: each call
+        # updates them in place instead of binding new arrays.
+        self.attention_mask = np.zeros((shape[0], self.capacity), dtype=np.int64)
+        self.past_length = np.zeros((), dtype=np.int64)
+        for name, array in ((ATTENTION_MASK_INPUT, self.attention_mask), (PAST_LENGTH_INPUT, self.past_length)):
+            self.binding.bind_input(name, "cpu", 0, np.int64, list(array.shape), array.ctypes.data)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Runs the decoder on `feeds` (the inputs other than the buffers); returns the host outputs."""
+    def run(self, attention_mask: np.ndarray, new_tokens: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Runs the decoder on `new_tokens` new positions after the filled ones, `attention_mask` (B, L) over all of
+        them, and `feeds` (the other inputs but the buffers); returns the host outputs."""
+        length = attention_mask.shape[1]
+        self.attention_mask[:, :length] = attention_mask
+        self.past_length[...] = length - new_tokens
         for name, value in feeds.items():
             self.binding.bind_cpu_input(name, value)
         # Unallocated again: ONNX Runtime would otherwise reuse the last call's output, whose shape may differ.
-        for name in self.host_outputs:
+        for name in self.dynamic_outputs:
             self.binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(self.binding)
-        outputs = self.binding.get_outputs()
-        return [outputs[index].numpy() for index in range(self.num_host_outputs)]
+        # A copy: the next call writes the bound array again.
+        results = [self.logits.copy()]
+        if self.dynamic_outputs:
+            outputs = self.binding.get_outputs()
+            results.extend(outputs[index].numpy() for index in range(1, self.num_host_outputs))
+        return results
 
 
 @dataclass
@@ -263,16 +283,10 @@ class OnnxVLM:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """One decoder call on S new tokens after the L - S cached ones (`attention_mask` (B, L)): logits and, for
         Orion, hidden states."""
-        length = attention_mask.shape[1]
-        mask = np.zeros((attention_mask.shape[0], cache.capacity), dtype=np.int64)
-        mask[:, :length] = attention_mask
         outputs = cache.run(
-            {
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": mask,
-                "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-                PAST_LENGTH_INPUT: np.array(length - inputs_embeds.shape[1], dtype=np.int64),
-            }
+            attention_mask,
+            inputs_embeds.shape[1],
+            {INPUTS_EMBEDS_INPUT: inputs_embeds, "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)},
         )
         return outputs[0], outputs[1] if self.kind == "orion" else None
 
@@ -354,7 +368,8 @@ class OnnxVLM:
             (input_ids.shape[0], sizes["num_key_value_heads"], capacity, sizes["head_dim"]),
             inputs_embeds.dtype,
             self.device,
-            ["logits", "hidden_states"] if self.kind == "orion" else ["logits"],
+            sizes["vocab_size"],
+            with_hidden_states=self.kind == "orion",
         )
         logits, hidden_states = self._run_decoder(cache, inputs_embeds, attention_mask, position_ids)
         return DecodeState(logits, hidden_states, cache, attention_mask, position_ids[..., -1])
@@ -430,21 +445,22 @@ class OnnxVLM:
             pixel_attention_mask,
             max_new_tokens,
         )
-        sequences = input_ids
+        prompt_length = input_ids.shape[1]
+        sequences = np.empty((input_ids.shape[0], prompt_length + max_new_tokens), dtype=np.int64)
+        sequences[:, :prompt_length] = input_ids
         unfinished = np.ones(input_ids.shape[0], dtype=bool)
         for step in range(max_new_tokens):
-            logits = state.logits.astype(np.float32)
             if do_sample:
-                next_tokens = sample(logits, rng, temperature, top_k, top_p)
+                next_tokens = sample(state.logits, rng, temperature, top_k, top_p)
             else:
-                next_tokens = logits.argmax(axis=-1)
+                next_tokens = state.logits.argmax(axis=-1)
             next_tokens = np.where(unfinished, next_tokens, pad_token_id)
-            sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
-            unfinished &= ~np.isin(next_tokens, stop_ids)
+            sequences[:, prompt_length + step] = next_tokens
+            unfinished &= ~(next_tokens[:, None] == stop_ids).any(axis=1)
             if not unfinished.any() or step == max_new_tokens - 1:
                 break
             state = self.decode(state, next_tokens)
-        return sequences
+        return sequences[:, : prompt_length + step + 1]
 
     def trajectory(
         self,
