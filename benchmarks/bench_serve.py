@@ -268,35 +268,35 @@ def prefix_cache(args: BenchmarkArguments) -> None:
     """Per round, one request at a time: a prompt with a new `prefix_tokens`-token prefix (first: a miss), the same
     prompt again (repeated: the whole prompt's cache and first logits are reused), and the same prefix with another
     question (shared prefix: every whole 16-token block of the prefix is reused, the rest runs). Median time to first
-    token of each (to the first chunk after the role chunk). The same rounds on a server whose prefix cache is off
-    give the uncached answers, which the cached ones must equal (text and token count)."""
-    ttft: dict[str, dict[str, list[float]]] = {}
+    token of each (to the first chunk after the role chunk). A second server, whose prefix cache is off, runs beside
+    it: each request goes to both, one after the other (which goes first alternates by round), so that both see the
+    same load; its answers are the uncached ones that the cached ones must equal (text and token count)."""
+    servers = {"on": start_server(args, "--prefix-cache-entries", "8")}
+    ttft: dict[str, dict[str, list[float]]] = {server: {case: [] for case in PREFIX_CASES} for server in ("on", "off")}
     answers: dict[tuple[str, str, int], tuple[str, int]] = {}
-    prompt_tokens = {}
-    for server in ("on", "off"):
-        process, base_url = start_server(args, "--prefix-cache-entries", "8" if server == "on" else "0")
-        ttft[server] = {case: [] for case in PREFIX_CASES}
-        try:
-            with httpx.Client(timeout=300) as http:
-                for index in range(args.requests + 2):
-                    bodies = [prefix_request(index, args.prefix_tokens)] * 2
-                    bodies.append(prefix_request(index, args.prefix_tokens, "is the lane to the left free?"))
-                    for case, body in zip(PREFIX_CASES, bodies, strict=True):
-                        seconds, answers[server, case, index] = first_token(http, base_url, body)
-                        if index >= 2:  # the first rounds warm the server up
+    try:
+        servers["off"] = start_server(args, "--prefix-cache-entries", "0")
+        with httpx.Client(timeout=300) as http:
+            for index in range(args.requests + 2):
+                bodies = [prefix_request(index, args.prefix_tokens)] * 2
+                bodies.append(prefix_request(index, args.prefix_tokens, "is the lane to the left free?"))
+                for case, body in zip(PREFIX_CASES, bodies, strict=True):
+                    for server in ("on", "off") if index % 2 else ("off", "on"):
+                        seconds, answers[server, case, index] = first_token(http, servers[server][1], body)
+                        if index >= 2:  # the first rounds warm the servers up
                             ttft[server][case].append(seconds)
-                prompt_tokens = http.post(
-                    f"{base_url}/v1/chat/completions", json={**bodies[0], "stream": False, "stream_options": None}
-                ).json()["usage"]["prompt_tokens"]
-        finally:
+            plain = {**bodies[0], "stream": False, "stream_options": None}
+            prompt_tokens = http.post(f"{servers['on'][1]}/v1/chat/completions", json=plain).json()["usage"]
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait(60)
     rounds = range(2, args.requests + 2)
     print()
     print(
         f"Prefix cache: {args.requests} rounds, one request at a time, of a prompt with its own "
-        f"{args.prefix_tokens}-token prefix ({prompt_tokens} prompt tokens), the same again, and the same prefix "
-        "with another question; greedy, 8 tokens, streamed"
+        f"{args.prefix_tokens}-token prefix ({prompt_tokens['prompt_tokens']} prompt tokens), the same again, and the "
+        "same prefix with another question; greedy, 8 tokens, streamed; each request also sent to a cache-off server"
     )
     print()
     print("| request | TTFT, cache on [ms] | / first | TTFT, cache off [ms] | / first | answers equal uncached |")
@@ -321,9 +321,12 @@ def inter_token_totals(http: httpx.Client, base_url: str) -> tuple[float, float]
     return totals["sum"], totals["count"]
 
 
+SAMPLED = {"temperature": 1.0, "seed": 0}
 STRUCTURED_FORMATS = {
     "unconstrained": {},
     "guided_regex": {"guided_regex": "[a-z]+( [a-z]+)*"},
+    "unconstrained, sampled": SAMPLED,
+    "guided_regex, sampled": {"guided_regex": "[a-z]+( [a-z]+)*", **SAMPLED},
     "json_schema": {
         "response_format": {
             "type": "json_schema",
@@ -341,9 +344,10 @@ STRUCTURED_FORMATS = {
 
 
 def structured_output(args: BenchmarkArguments) -> None:
-    """Sequential greedy requests, unconstrained, with a guided_regex and with a json_schema in turn: the mean time
-    between a request's tokens as the server measures it (its inter-token latency histogram, read before and after
-    each request; prefill, HTTP set-up and the chunking of the text left out), median over requests."""
+    """Sequential requests, unconstrained, with a guided_regex and with a json_schema in turn, greedy (and sampled at
+    temperature 1 beside unconstrained sampled ones: a sampled row is always masked): the mean time between a
+    request's tokens as the server measures it (its inter-token latency histogram, read before and after each
+    request; prefill, HTTP set-up and the chunking of the text left out), median over requests."""
     process, base_url = start_server(args)
     per_token: dict[str, list[float]] = {kind: [] for kind in STRUCTURED_FORMATS}
     tokens: dict[str, int] = dict.fromkeys(STRUCTURED_FORMATS, 0)
@@ -366,15 +370,16 @@ def structured_output(args: BenchmarkArguments) -> None:
     unconstrained = statistics.median(per_token["unconstrained"])
     print()
     print(
-        f"Structured output: {args.requests} greedy requests of up to {args.max_tokens} tokens of each kind, in turn; "
-        "the server's inter-token latency"
+        f"Structured output: {args.requests} requests of up to {args.max_tokens} tokens of each kind, in turn (greedy "
+        "unless sampled); the server's inter-token latency"
     )
     print()
-    print("| requests | measured | tokens | median ms between tokens | / unconstrained |")
+    print("| requests | measured | tokens | median ms between tokens | / unconstrained (same decoding) |")
     print("|---|---|---|---|---|")
     for kind, values in per_token.items():
         median = statistics.median(values)
-        print(f"| {kind} | {len(values)} | {tokens[kind]} | {median * 1000:.2f} | {median / unconstrained:.2f}x |")
+        base = statistics.median(per_token["unconstrained, sampled"]) if "sampled" in kind else unconstrained
+        print(f"| {kind} | {len(values)} | {tokens[kind]} | {median * 1000:.2f} | {median / base:.2f}x |")
 
 
 def rss_mib(process: subprocess.Popen) -> float:
