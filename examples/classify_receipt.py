@@ -21,7 +21,8 @@ class ClassifyArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(ClassifyArguments).parse_args_into_dataclasses()
+    description = __doc__.split("\n\n")[0] + " Inputs: a folder saved by train_receipts.py and one photo."
+    (args,) = HfArgumentParser(ClassifyArguments, description=description).parse_args_into_dataclasses()
     model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
 

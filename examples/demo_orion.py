@@ -7,6 +7,11 @@ It then saves the model with its code, reloads it the way anyone on the Hub woul
     python examples/demo_orion.py --backbone qwen2_5_vl --output_dir outputs/orion_demo
 """
 
+# First: importing vlmheads quiets bitsandbytes' missing-kernels warning, which transformers' Trainer utilities
+# would otherwise print through peft on every run.
+import vlmheads  # noqa: F401
+
+# isort: split
 import tempfile
 from dataclasses import dataclass, field
 
@@ -31,7 +36,8 @@ class DemoArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses()
+    description = __doc__.split("\n\n")[0] + " Inputs: none, random driving features (schema: vlmheads.data.driving)."
+    (args,) = HfArgumentParser(DemoArguments, description=description).parse_args_into_dataclasses()
     rng = np.random.default_rng(args.seed)
     processor = tiny_orion_processor(
         args.backbone, num_scene_queries=args.num_scene_queries, num_history_queries=args.num_history_queries

@@ -13,6 +13,11 @@ features for Orion), ready for `OnnxVLM`. Quantize the decoder afterwards with
 `vlmheads.onnx_export.quantize.quantize_decoder(out_dir, bits=4)` (or `bits=8`).
 """
 
+# First: importing vlmheads quiets bitsandbytes' missing-kernels warning, which transformers' Trainer utilities
+# would otherwise print through peft on every run.
+import vlmheads  # noqa: F401
+
+# isort: split
 import logging
 import time
 from dataclasses import dataclass, field
@@ -89,7 +94,8 @@ def sample_inputs(model, processor, image_size: tuple[int, int]) -> dict[str, np
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses()
+    description = __doc__.split("\n\n")[0] + " Inputs: a saved model folder (with its processor) or --tiny."
+    (args,) = HfArgumentParser(ExportArguments, description=description).parse_args_into_dataclasses()
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger("vlmheads.onnx_export").setLevel(logging.INFO)
     if len(args.image_size) != 2:

@@ -3,7 +3,7 @@
 Your photos go in one folder per class; the folder names are the labels (or give them, in id order, with
 `--labels`). A Hub data set id with `image` and `label` columns works in place of the folder. Without `--data_dir`
 the script trains on the synthetic receipt set (classes "0", "1", "2 or more"). Without `--base_model` it builds a
-tiny random model of the family offline, so the whole loop runs on a CPU in about a minute:
+tiny random model of the family offline, so the whole loop runs on a CPU:
 
     python examples/train_classifier.py --family smolvlm --output_dir outputs/classifier
     # your own classes: photos/cat/*.jpg, photos/dog/*.jpg, ...
@@ -17,6 +17,11 @@ majority class, the confusion matrix) and `eval_results.json`; `pipeline("image-
 trust_remote_code=True)` loads it. Data schema: `vlmheads.data.receipts.load_image_folder`.
 """
 
+# First: importing vlmheads quiets bitsandbytes' missing-kernels warning, which transformers' Trainer utilities
+# would otherwise print through peft on every run.
+import vlmheads  # noqa: F401
+
+# isort: split
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +82,7 @@ class ClassifierArguments:
 
 @dataclass
 class ClassifierTrainingArguments(ScriptTrainingArguments):
-    """`TrainingArguments` whose defaults train the tiny offline model in about a minute on 2 CPU cores."""
+    """`TrainingArguments` whose defaults train the tiny offline model on a CPU."""
 
     output_dir: str = field(default="outputs/classifier")
     num_train_epochs: float = field(default=6)

@@ -1,6 +1,6 @@
 """Fine-tunes an Orion driving model with the Hugging Face Trainer and reports its planning metrics.
 
-With no data files it trains a tiny model on the synthetic driving set, offline, in a few minutes on 2 CPU cores,
+With no data files it trains a tiny model on the synthetic driving set, offline (its time: the README's demo),
 then compares it with the constant-velocity baseline and the untrained model, saves it with its code and model
 card, reloads it with `AutoModel.from_pretrained(..., trust_remote_code=True)` and plots a few plans:
 
@@ -17,11 +17,16 @@ The script runs unchanged under `torchrun --nproc_per_node 2` and `accelerate la
 config>` on GPUs. `accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.15 (its
 multi-CPU mode needs MPI).
 
-`--report_to tensorboard` (events in `<output_dir>/runs/`) or `--report_to trackio` (`pip install
-"vlmheads[tracking]"`) also receive the comparison table and the report plot; the metrics land in
+`--report_to tensorboard` (events in `<output_dir>/runs/`) or `--report_to trackio` (`pip install -e
+".[tracking]"` in a clone) also receive the comparison table and the report plot; the metrics land in
 `<output_dir>/{train,eval,all}_results.json` through `trainer.save_metrics`.
 """
 
+# First: importing vlmheads quiets bitsandbytes' missing-kernels warning, which transformers' Trainer utilities
+# would otherwise print through peft on every run.
+import vlmheads  # noqa: F401
+
+# isort: split
 import dataclasses
 import logging
 import os
@@ -119,7 +124,7 @@ class DataArguments:
 
 @dataclass
 class OrionTrainingArguments(ScriptTrainingArguments):
-    """TrainingArguments whose defaults train the tiny offline demo in under a minute on 2 CPU cores."""
+    """TrainingArguments whose defaults train the tiny offline demo."""
 
     output_dir: str = field(default="outputs/orion_demo")
     learning_rate: float = field(default=2e-3)
@@ -233,13 +238,15 @@ def metric_row(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 def plot_report(
     path: Path, trajectories: np.ndarray, targets: np.ndarray, baseline: np.ndarray, log_history: list[dict]
 ) -> None:
-    """Predicted, true and constant-velocity plans of a few samples, and the training loss curve, as a PNG."""
+    """Predicted, true and constant-velocity plans of a few samples (none or more), and the training loss curve, as
+    a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(1, len(trajectories) + 1, figsize=(3.2 * (len(trajectories) + 1), 3.6))
+    figure, grid = plt.subplots(1, len(trajectories) + 1, figsize=(3.2 * (len(trajectories) + 1), 3.6), squeeze=False)
+    axes = grid[0]
     for index, axis in enumerate(axes[:-1]):
         for name, plan, style in (
             ("true", targets[index], "k-o"),
@@ -250,8 +257,9 @@ def plot_report(
         axis.set_title(f"sample {index}")
         axis.set_xlabel("left ← y [m] → right")
         axis.set_aspect("equal", adjustable="datalim")
-    axes[0].set_ylabel("x, forward [m]")
-    axes[0].legend(fontsize=7)
+    if len(trajectories):
+        axes[0].set_ylabel("x, forward [m]")
+        axes[0].legend(fontsize=7)
     steps = [entry["step"] for entry in log_history if "loss" in entry]
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
     axes[-1].plot(steps, losses, "C0-")
@@ -334,6 +342,11 @@ def main() -> None:
     phase(training_args, "Data and model")
     widths = settle_sizes(model_args, data_args)
     train_dataset, eval_dataset = load_data(data_args, training_args.seed, model_queries(model_args))
+    if not 0 <= data_args.num_plotted_samples <= len(eval_dataset):
+        raise ValueError(
+            f"--num_plotted_samples {data_args.num_plotted_samples}: expected 0 to {len(eval_dataset)}, the number of "
+            "evaluation samples."
+        )
     # The flow planner samples displacements normalised with the training set's statistics.
     statistics = displacement_statistics(np.stack(train_dataset["ego_waypoints"]))
     head = {"trajectory_head": model_args.trajectory_head}
@@ -387,9 +400,10 @@ def main() -> None:
     processor.save_pretrained(training_args.output_dir)
 
     targets = np.stack(eval_dataset["ego_waypoints"])
+    baseline_plans = constant_velocity_waypoints(np.stack(eval_dataset["can_bus"]))
     metrics = TrajectoryMetrics()
     table = {
-        "constant velocity (CAN bus)": metrics.compute(constant_velocity_waypoints(eval_dataset["can_bus"]), targets),
+        "constant velocity (CAN bus)": metrics.compute(baseline_plans, targets),
         "untrained model": metric_row(untrained, "eval_untrained"),
         "trained model": metric_row(trained, "eval_trained"),
         "trained model, scene queries zeroed": metric_row(no_scene, "eval_no_scene"),
@@ -406,7 +420,9 @@ def main() -> None:
     trainer.save_metrics("eval", {**untrained, **trained, **no_scene, **baseline})
 
     output_dir = Path(training_args.output_dir)
-    samples = [eval_dataset[index] for index in range(data_args.num_plotted_samples)]
+    # The reload check below plans at least one sample, even when none is plotted.
+    plotted = data_args.num_plotted_samples
+    samples = [eval_dataset[index] for index in range(max(plotted, 1))]
     batch = OrionDataCollator(processor, config.num_waypoints, config.waypoint_dim, with_answers=False)(samples)
     batch = {name: value.to(model.device) for name, value in batch.items()}
     model.eval()
@@ -416,9 +432,9 @@ def main() -> None:
         planned = model(**batch).trajectory.float().cpu().numpy()
     plot_report(
         output_dir / "training_report.png",
-        planned,
-        targets[: len(samples)],
-        constant_velocity_waypoints(eval_dataset["can_bus"][: len(samples)]),
+        planned[:plotted],
+        targets[:plotted],
+        baseline_plans[:plotted],
         trainer.state.log_history,
     )
     log_report(trainer, table, [output_dir / "training_report.png"])

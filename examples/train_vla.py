@@ -22,6 +22,11 @@ last 20 % of the episodes are held out unless `--eval_files` is given. Schema: `
         --lora --freeze_vision --bf16 --output_dir outputs/vla-smolvlm
 """
 
+# First: importing vlmheads quiets bitsandbytes' missing-kernels warning, which transformers' Trainer utilities
+# would otherwise print through peft on every run.
+import vlmheads  # noqa: F401
+
+# isort: split
 import logging
 from dataclasses import dataclass, field
 from functools import partial

@@ -49,12 +49,35 @@ def assert_published(folder: Path, model_row: str, metric: str, dataset: str, pr
     return card
 
 
+RELOAD_AND_PUSH = """
+import sys
+import stubbed_hub  # noqa: F401  (the Hub client replaced)
+from vlmheads import OrionQwenForTrajectory
+OrionQwenForTrajectory.from_pretrained(sys.argv[1]).push_to_hub("team/pushed")
+"""
+
+
 @pytest.mark.slow
-def test_train_orion_pushes_its_table_and_processor(tmp_path):
+def test_train_orion_pushes_its_table_and_processor_and_so_does_the_reloaded_model(tmp_path):
     data = ["--num_train_samples", "32", "--num_eval_samples", "8", "--max_steps", "2", "--compare_flow_planner", "0"]
     folders = push("vlmheads.examples.train_orion", [*data, "--output_dir", str(tmp_path / "run")], tmp_path)
     card = assert_published(folders[-1], "trained model", "ADE", "synthetic driving set", "processor_config.json")
     assert "| constant velocity (CAN bus) |" in card.text and "training_report.png" in card.text
+
+    # The saved folder, reloaded in a new process, publishes the same card (model-index included) and its processor.
+    reloaded = subprocess.run(
+        [sys.executable, "-c", RELOAD_AND_PUSH, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=TESTS,
+        env={**os.environ, "STUBBED_HUB_UPLOADS": str(tmp_path / "uploads")},
+        timeout=600,
+    )
+    assert reloaded.returncode == 0, reloaded.stderr[-4000:]
+    again = sorted((tmp_path / "uploads").iterdir(), key=lambda folder: int(folder.name))[-1]
+    assert again.name == str(len(folders))
+    reloaded_card = assert_published(again, "trained model", "ADE", "synthetic driving set", "processor_config.json")
+    assert reloaded_card.data.eval_results == card.data.eval_results
 
 
 @pytest.mark.slow

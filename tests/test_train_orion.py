@@ -31,12 +31,20 @@ from vlmheads.training.orion import DRIVING_MODULES, TrajectoryMetrics, add_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_orion.py"
+# bitsandbytes' warning when its optional `kernels` package is missing: vlmheads quiets it (peft imports bitsandbytes).
+BITSANDBYTES_NOISE = "Failed to load CPU gemm_4bit_forward"
 SHORT_RUN = ["--num_train_samples", "128", "--num_eval_samples", "32", "--max_steps", "4", "--disable_tqdm", "true"]
 
 
 def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def run_failing(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0, result.stdout[-2000:]
     return result
 
 
@@ -264,7 +272,45 @@ def test_train_orion_reads_query_counts_and_widths_from_the_records(tmp_path):
     assert "--num_scene_queries 8, but the records in --train_files hold 6." in wrong.stderr
 
 
-def run_failing(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode != 0, result.stdout[-2000:]
-    return result
+@pytest.mark.slow
+def test_bitsandbytes_warns_on_this_cpu_unless_vlmheads_is_imported_first():
+    """The control for the checks below: without vlmheads, importing bitsandbytes (as peft does for every Trainer)
+    prints its missing-kernels warning on this CPU."""
+    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, timeout=300)
+    if BITSANDBYTES_NOISE not in bare.stderr:
+        pytest.skip("this CPU lacks AVX512-BF16, where bitsandbytes tries its kernels and warns")
+    quiet = subprocess.run(
+        [sys.executable, "-c", "import vlmheads, bitsandbytes"], capture_output=True, text=True, timeout=300
+    )
+    assert quiet.returncode == 0 and BITSANDBYTES_NOISE not in quiet.stderr, quiet.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_help_describes_the_script_and_prints_no_bitsandbytes_warning():
+    result = run([sys.executable, str(SCRIPT), "--help"])
+    assert "Fine-tunes an Orion driving model" in result.stdout and "vlmheads.data.driving" in result.stdout
+    assert "--num_plotted_samples" in result.stdout
+    assert BITSANDBYTES_NOISE not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_run_that_plots_no_sample_still_plots_the_loss_and_checks_the_reload(tmp_path):
+    tiny = ["--num_train_samples", "16", "--num_eval_samples", "4", "--max_steps", "1", "--disable_tqdm", "true"]
+    tiny += ["--compare_flow_planner", "false", "--report_to", "none"]
+    result = run([sys.executable, str(SCRIPT), *tiny, "--num_plotted_samples", "0", "--output_dir", str(tmp_path)])
+    assert "reloaded with AutoModel: same plans" in result.stdout
+    assert (tmp_path / "training_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert BITSANDBYTES_NOISE not in result.stderr, result.stderr[-2000:]
+    # A heading before each phase (the flow planner's phase is off here).
+    assert [line for line in result.stdout.splitlines() if line.startswith("== ")] == [
+        "== Data and model",
+        "== Evaluating the untrained model",
+        "== Training",
+        "== Evaluating the trained model (and with the scene queries zeroed)",
+        "== Saving, reloading with AutoModel, plotting",
+    ]
+
+    wrong = run_failing(
+        [sys.executable, str(SCRIPT), *tiny, "--num_plotted_samples", "5", "--output_dir", str(tmp_path / "x")]
+    )
+    assert "--num_plotted_samples 5: expected 0 to 4, the number of evaluation samples." in wrong.stderr
