@@ -2,10 +2,14 @@
 decoder weights, `vlmheads.onnx_export.OnnxVLM` with the fp32, int8 and int4 decoders, PyTorch eager, and PyTorch
 with `torch.compile`.
 
-The model is built in code with random weights: text hidden 512, 8 layers, 8 attention heads (2 key/value heads,
-as Qwen2-VL-2B uses grouped-query attention), intermediate 1536, vocabulary 32,000. Every engine reads the same
-text prompt (random token ids; without images Qwen2-VL's M-RoPE positions are the plain 1-D ones, so ONNX Runtime
-GenAI runs the same decoder weights as a Qwen2ForCausalLM built by its own model builder).
+The model is built in code: text hidden 512, 8 layers, 8 attention heads (2 key/value heads, as Qwen2-VL-2B uses
+grouped-query attention), intermediate 1536, vocabulary 32,000. `--weights random` keeps the random initialisation
+(N(0, 0.02)) and times a prompt of random token ids. `--weights trained` first trains the model briefly in code as a
+byte-level language model of English text (the Python documentation topics that ship with CPython,
+`pydoc_data.topics`: the first 90 % for training, `--train-steps` AdamW steps), so that its next-token
+distributions are peaked like a trained model's rather than nearly flat; its prompts are then held-out text from the
+last 10 %. Every engine reads the same prompt (without images Qwen2-VL's M-RoPE positions are the plain 1-D ones,
+so ONNX Runtime GenAI runs the same decoder weights as a Qwen2ForCausalLM built by its own model builder).
 
 Per engine (a row), the engines taking turns every round, medians:
 - prefill: `generate(max_new_tokens=1)`;
@@ -13,16 +17,19 @@ Per engine (a row), the engines taking turns every round, medians:
 - peak RSS: the high-water mark (VmHWM) of a fresh process that loads the engine and generates N tokens (the ONNX
   Runtime engines in a process that never imports torch);
 - top-1 agreement with the fp32 ONNX decoder, teacher-forced on its greedy continuation of fixed prompts;
-- decode / bandwidth limit: decode per token divided by the time to read the decoder's weight files once at the
-  memory bandwidth measured in the same run (a large NumPy copy: bytes read + bytes written per second).
+- decode / bandwidth limit: decode per token divided by the time to read the weights a decode step reads once (the
+  fp32 rows: the fp32 decoder graph's weights, the layers and the LM head, which all four engines read; the int8 and
+  int4 rows: their decoder graphs) at the memory bandwidth of a large NumPy copy (bytes read + bytes written per
+  second), a run that takes its turn with the engines.
 
-    python benchmarks/bench_onnx.py --threads 1
+    python benchmarks/bench_onnx.py --threads 1 --weights trained
 """
 
 import argparse
 import copy
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,6 +51,11 @@ from vlmheads.onnx_export.quantize import INT4_DECODER, INT8_DECODER, quantize_d
 
 ONNX_ENGINES = {"OnnxVLM fp32": "decoder", "OnnxVLM int8": INT8_DECODER, "OnnxVLM int4": INT4_DECODER}
 COPY_BYTES = 256 * 1024**2
+COPY_RUN = "memory copy"
+# Byte-level text: token id = TEXT_TOKEN_OFFSET + byte, clear of the ids the tiny configurations reserve.
+TEXT_TOKEN_OFFSET = 10
+TRAIN_FRACTION, TRAIN_WINDOW = 0.9, 32
+AGREEMENT_PROMPT_TOKENS, AGREEMENT_POSITIONS = 24, 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads and ONNX Runtime intra-op threads")
     parser.add_argument("--agreement-prompts", type=int, default=8, help="prompts for the top-1 agreement")
+    parser.add_argument("--weights", choices=("random", "trained"), default="random", help="see the docstring")
+    parser.add_argument("--train-steps", type=int, default=100, help="AdamW steps of --weights trained")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument(
+        "--compile-timeout", type=float, default=900, help="seconds torch.compile gets to compile and generate"
+    )
     parser.add_argument("--no-genai", action="store_true", help="skip the ONNX Runtime GenAI row")
     parser.add_argument("--out-dir", type=Path, default=None, help="where to export (default: a temporary folder)")
     parser.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
@@ -83,6 +100,58 @@ def small_model(args: argparse.Namespace) -> Qwen2VLForConditionalGeneration:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def text_corpus() -> tuple[np.ndarray, np.ndarray]:
+    """Byte-level token ids of CPython's documentation topics: (training part, held-out part)."""
+    from pydoc_data.topics import topics
+
+    data = "\n".join(topics[key] for key in sorted(topics)).encode()
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64) + TEXT_TOKEN_OFFSET
+    split = int(len(ids) * TRAIN_FRACTION)
+    return ids[:split], ids[split:]
+
+
+def train_briefly(model: Qwen2VLForConditionalGeneration, args: argparse.Namespace) -> list[float]:
+    """Trains `model` in place as a byte-level language model on the training part of `text_corpus`:
+    `args.train_steps` AdamW steps (learning rate 3e-3, 10 warm-up steps, cosine decay, gradients clipped to 1) on
+    batches of 8 windows of 32 tokens drawn with a fixed seed. Returns the loss of every step."""
+    train, _ = text_corpus()
+    generator = np.random.default_rng(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    warmup = 10
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            min(1.0, (step + 1) / warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * min(step, args.train_steps) / max(args.train_steps, 1)))
+        ),
+    )
+    model.train()
+    losses = []
+    for step in range(args.train_steps):
+        starts = generator.integers(0, len(train) - TRAIN_WINDOW, 8)
+        batch = torch.from_numpy(np.stack([train[start : start + TRAIN_WINDOW] for start in starts]))
+        # transformers shifts the labels: each position learns the next byte.
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % 25 == 0:
+            print(f"training step {step + 1}/{args.train_steps}: loss {losses[-1]:.3f}", flush=True)
+    model.eval()
+    return losses
+
+
+def held_out_prompts(count: int, length: int, offset: int = 0) -> list[np.ndarray]:
+    """`count` prompts (1, length) of held-out text, evenly spaced through the held-out part of `text_corpus`."""
+    _, held_out = text_corpus()
+    stride = (len(held_out) - length) // max(count, 1)
+    return [held_out[offset + i * stride : offset + i * stride + length][None] for i in range(count)]
 
 
 def language_model_folder(model: Qwen2VLForConditionalGeneration, folder: Path) -> Path:
@@ -161,18 +230,6 @@ class GenAIEngine:
         return np.array(tops)
 
 
-def copy_bandwidth(repeats: int = 5) -> float:
-    """Memory bandwidth in bytes/s: bytes read plus bytes written per second by a `COPY_BYTES` NumPy copy."""
-    source = np.ones(COPY_BYTES // 8)
-    target = np.empty_like(source)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        np.copyto(target, source)
-        times.append(time.perf_counter() - start)
-    return 2 * COPY_BYTES / statistics.median(times[1:])
-
-
 def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each run. After one warm-up each, the runs take turns, `repeats` rounds, so that a CPU
     shared with other work slows all of them alike."""
@@ -245,14 +302,21 @@ def measure_torch_rss(engine: str, work: Path, args: argparse.Namespace) -> None
     print(json.dumps({"peak_rss_bytes": 1024 * int(status.split("VmHWM:")[1].split()[0])}))
 
 
-def peak_rss(engine: str, work: Path, argv: list[str], args: argparse.Namespace) -> float | None:
-    """Peak RSS (bytes) of a fresh process that loads `engine` and generates N tokens; None if it failed."""
+def peak_rss(
+    engine: str, work: Path, argv: list[str], args: argparse.Namespace, timeout: float = 1800
+) -> float | None:
+    """Peak RSS (bytes) of a fresh process that loads `engine` and generates N tokens; None if it failed or took
+    longer than `timeout` seconds."""
     if engine in ONNX_ENGINES or engine == "GenAI fp32":
         graph = ONNX_ENGINES.get(engine, "")
         command = ["-c", ONNX_RSS_SCRIPT, str(work), engine, graph, str(args.threads), str(args.new_tokens)]
     else:
         command = [__file__, *argv, "--rss-of", engine, "--out-dir", str(work)]
-    run = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=1800)
+    try:
+        run = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"peak RSS of {engine} not measured: no result within {timeout:.0f} s")
+        return None
     if run.returncode != 0:
         print(f"peak RSS of {engine} not measured: {run.stderr.strip().splitlines()[-1:]}")
         return None
@@ -275,11 +339,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 to time decoding, got {args.new_tokens}.")
+    if args.weights == "trained" and args.vocab_size <= TEXT_TOKEN_OFFSET + 255:
+        raise ValueError(
+            f"--weights trained reads bytes as token ids {TEXT_TOKEN_OFFSET}-{TEXT_TOKEN_OFFSET + 255}: "
+            f"--vocab-size must be above {TEXT_TOKEN_OFFSET + 255}, got {args.vocab_size}."
+        )
     torch.set_num_threads(args.threads)
     scratch = tempfile.TemporaryDirectory()
     work = args.out_dir or Path(scratch.name)
     work.mkdir(parents=True, exist_ok=True)
     model = small_model(args)
+    notes = []
+    if args.weights == "trained":
+        start = time.perf_counter()
+        losses = train_briefly(model, args)
+        notes.append(
+            f"trained {args.train_steps} steps in {time.perf_counter() - start:.0f} s: loss {losses[0]:.2f} -> "
+            f"{statistics.mean(losses[-10:]):.2f} (mean of the last 10 steps)"
+        )
     model.save_pretrained(work / "torch")
     prompt = token_prompt(args)
     np.save(work / "prompt.npy", prompt)
@@ -292,7 +369,6 @@ def main(argv: list[str] | None = None) -> None:
 
     engines: dict[str, Callable[[int], object]] = {}
     top1: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
-    notes = []
     if not args.no_genai:
         try:
             genai = GenAIEngine(build_genai(model, work, args.threads), args.vocab_size)
@@ -313,7 +389,13 @@ def main(argv: list[str] | None = None) -> None:
 
     engines["PyTorch eager"] = functools.partial(torch_generate, model)
     top1["PyTorch eager"] = functools.partial(torch_top1, model)
+    compile_rss = None
     if not args.no_compile:
+        # First in a fresh process with a time limit (it also fills inductor's on-disk cache for the copy below).
+        compile_rss = peak_rss("PyTorch torch.compile", work, argv, args, timeout=args.compile_timeout)
+        if compile_rss is None:
+            notes.append(f"torch.compile row skipped: no result within {args.compile_timeout:.0f} s (see above)")
+    if compile_rss is not None:
         compiled = copy.deepcopy(model)
         compiled.forward = torch.compile(compiled.forward, dynamic=True)
         try:
@@ -331,39 +413,49 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in engines.items():
         runs[f"{name} prefill"] = functools.partial(run, 1)
         runs[f"{name} total"] = functools.partial(run, args.new_tokens)
-    bandwidth_before = copy_bandwidth()
+    source = np.ones(COPY_BYTES // 8)
+    target = np.empty_like(source)
+    runs[COPY_RUN] = functools.partial(np.copyto, target, source)
     medians = interleaved_medians(runs, args.repeats)
-    bandwidth = statistics.mean([bandwidth_before, copy_bandwidth()])
+    bandwidth = 2 * COPY_BYTES / medians[COPY_RUN]
 
-    prompts = token_prompts(out_dir, num_prompts=args.agreement_prompts, length=24)
-    positions = 16
+    if args.weights == "trained":
+        prompts = [{"input_ids": ids} for ids in held_out_prompts(args.agreement_prompts, AGREEMENT_PROMPT_TOKENS)]
+    else:
+        prompts = token_prompts(out_dir, num_prompts=args.agreement_prompts, length=AGREEMENT_PROMPT_TOKENS)
+    positions = AGREEMENT_POSITIONS
     agreement = {"OnnxVLM fp32": 1.0}
     for name, graph in ONNX_ENGINES.items():
         if graph != "decoder":
-            agreement[name] = top1_agreement(out_dir, prompts, positions, decoder=graph)
+            agreement[name] = top1_agreement(
+                out_dir, prompts, positions, decoder=graph, session_options=session_options(args.threads)
+            )
     for name, score in top1.items():
         hits = total = 0
         for item in prompts:
-            continuation = hosts["OnnxVLM fp32"].generate(item["input_ids"], max_new_tokens=positions)[0, 24:]
+            continuation = hosts["OnnxVLM fp32"].generate(item["input_ids"], max_new_tokens=positions)[
+                0, AGREEMENT_PROMPT_TOKENS:
+            ]
             hits += int((score(item["input_ids"], continuation) == continuation).sum())
             total += positions
         agreement[name] = hits / total
+    # What a decode step reads: the fp32 engines all read the same layers and LM head (GenAI's file also holds the
+    # embedding table, of which a step reads one row).
     weight_bytes = {
-        "GenAI fp32": sum(path.stat().st_size for path in (work / "genai").glob("model.onnx*"))
-        if "GenAI fp32" in engines
-        else None,
-        **{name: graph_bytes(out_dir, graph) for name, graph in ONNX_ENGINES.items()},
-        "PyTorch eager": graph_bytes(out_dir, "decoder"),
-        "PyTorch torch.compile": graph_bytes(out_dir, "decoder"),
+        name: graph_bytes(out_dir, ONNX_ENGINES.get(name, "decoder"))
+        for name in [*engines, "GenAI fp32", "PyTorch torch.compile"]
     }
-    rss = {name: peak_rss(name, work, argv, args) for name in engines}
+    rss = {
+        name: compile_rss if name == "PyTorch torch.compile" else peak_rss(name, work, argv, args) for name in engines
+    }
 
     text = model.config.text_config
     print(
-        f"Qwen2-VL decoder, random weights: hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
+        f"Qwen2-VL decoder, {args.weights} weights: hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
         f"{text.num_attention_heads} heads ({text.num_key_value_heads} kv), intermediate {text.intermediate_size}, "
         f"vocab {text.vocab_size}; text prompt {prompt.shape[1]} tokens, N = {args.new_tokens} new tokens, "
-        f"{args.threads} thread(s), {os.cpu_count()} CPUs, median of {args.repeats}; torch {torch.__version__}, "
+        f"{args.threads} thread(s), {os.cpu_count()} CPUs, median of {args.repeats}, "
+        f"load average {' '.join(f'{load:.1f}' for load in os.getloadavg())} at the end; torch {torch.__version__}, "
         f"onnxruntime {ort.__version__}; export and quantization {export_seconds:.0f} s; copy bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s"
     )
@@ -405,7 +497,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def token_prompt(args: argparse.Namespace) -> np.ndarray:
-    """The benchmark's text prompt (1, prompt_tokens): fixed random ids above the special ones."""
+    """The benchmark's timed prompt (1, prompt_tokens): fixed random ids above the special ones (random weights) or
+    held-out text (trained weights)."""
+    if args.weights == "trained":
+        return held_out_prompts(1, args.prompt_tokens, offset=len(text_corpus()[1]) // 3)[0]
     return np.random.default_rng(1).integers(10, args.vocab_size, (1, args.prompt_tokens)).astype(np.int64)
 
 
