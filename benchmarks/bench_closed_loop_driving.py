@@ -12,7 +12,7 @@ Stages (each kept once done, so that a run cut short resumes):
    the MLP head and once with the flow head, on the tiny offline Qwen2-VL backbone with one trajectory mode per
    navigation command, in parallel; the untrained model is the MLP model's initialisation (same seed), saved as it
    is;
-3. open-loop L2 at 1/2/3 s on the validation frames;
+3. open-loop L2 at 1/2/3 s on the validation frames (`OUT/open_loop.json`);
 4. `evaluate`: `--eval_episodes` episodes per scenario on the evaluation seeds from `--eval_seed`, the same seeds for
    every policy (rows named in `--row_episodes`, by default the untrained model and the controller's ceiling, the
    expert's plan tracked by pure pursuit and PID, drive the first few of them), `--workers` processes;
@@ -308,7 +308,10 @@ def main() -> None:
     collected = time.perf_counter()
     folders = train(args, files, out)
     trained = time.perf_counter()
-    l2 = open_loop(folders, files["validation"])
+    l2_path = out / "open_loop.json"
+    if not l2_path.exists():
+        l2_path.write_text(json.dumps(open_loop(folders, files["validation"]), indent=2) + "\n")
+    l2 = json.loads(l2_path.read_text())
     results = closed_loop(args, names, folders, out)
     evaluated = time.perf_counter()
     markdown, overall = tables(names, results, l2)
