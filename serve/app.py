@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import functools
 import io
@@ -363,13 +364,40 @@ class CompletionText:
         return delta
 
 
+class EventRelay:
+    """Carries engine events from the engine's thread onto the event loop. A decode step reports one event per running
+    request: one loop wake-up delivers all the events reported since the last one, where a wake-up per event would
+    keep the loop's thread busy holding the GIL that the engine's thread needs between steps."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: collections.deque[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = collections.deque()
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue[TokenEvent], event: TokenEvent) -> None:
+        """Called on the engine's thread."""
+        self.pending.append((queue, event))
+        if not self.scheduled:
+            self.scheduled = True
+            # An engine may still report a request the server stopped waiting for after its loop closed (shutdown).
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        # Cleared before draining: an event put after this line schedules the next delivery itself.
+        self.scheduled = False
+        while self.pending:
+            queue, event = self.pending.popleft()
+            queue.put_nowait(event)
+
+
 class EngineStream:
     """The events of one submitted request, as an async iterator on the server's event loop."""
 
-    def __init__(self, engine: GenerationEngine, request: GenerationRequest):
+    def __init__(self, engine: GenerationEngine, request: GenerationRequest, relay: EventRelay):
         self.engine = engine
         self.request_id = request.request_id
-        self.loop = asyncio.get_running_loop()
+        self.relay = relay
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.finished = False
         self.expired = False
@@ -382,9 +410,7 @@ class EngineStream:
             raise APIError(503, str(error), code="shutting_down", kind="service_unavailable") from error
 
     def _on_event(self, event: TokenEvent) -> None:
-        # An engine may still report a request the server stopped waiting for after its loop closed (shutdown).
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.relay.put(self.queue, event)
 
     def expire(self) -> None:
         """Ends the request now with an error event and cancels it in the engine (the drain deadline passed)."""
@@ -414,10 +440,13 @@ class EngineStream:
                 self.checked_at = time.monotonic()
                 if await request.is_disconnected():
                     self.cancel()
-            try:
-                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                continue
+            if self.queue.empty():
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    continue
+            else:
+                event = self.queue.get_nowait()
             if event.finish_reason is not None:
                 self.finished = True
             return event
@@ -537,9 +566,17 @@ class Server:
         self.served = ServedModel.of(engine.model_id, engine.config, engine.processor)
         # The generation streams open now, ended with an error event when the drain deadline passes.
         self.streams: weakref.WeakSet[EngineStream] = weakref.WeakSet()
+        self._relay: EventRelay | None = None
         self.metrics = ServerMetrics(engine)
         #: Compiles structured-output formats; built on the first request that asks for one.
         self.grammars: GrammarCompiler | None = None
+
+    def relay(self) -> EventRelay:
+        """The relay of the running event loop's engine events."""
+        loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = EventRelay(loop)
+        return self._relay
 
     def expire_streams(self) -> None:
         """Ends every open generation with an error event (on the event loop; the drain deadline passed)."""
@@ -648,7 +685,7 @@ class Server:
                     constraint=None if compiled is None else self.grammars.constraint(compiled),
                     adapter=adapter,
                 )
-                stream = EngineStream(self.engine, generation)
+                stream = EngineStream(self.engine, generation, self.relay())
                 self.streams.add(stream)
                 text = CompletionText(self.tokenizer, body.stop_strings)
                 choices.append(ChoiceState(index, stream, text, RequestTimer(self.metrics, arrival)))
