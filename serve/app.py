@@ -696,7 +696,9 @@ class Server:
         created = now()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = self.stream_chunks(request, choices, completion_id, created, prompt_tokens, include_usage)
+            chunks = self.stream_chunks(
+                request, choices, completion_id, created, prompt_tokens, include_usage, adapter or self.engine.model_id
+            )
             return CancellingStreamingResponse(
                 chunks,
                 functools.partial(end_stream, request, choices),
@@ -712,7 +714,7 @@ class Server:
         response = ChatCompletionResponse(
             id=completion_id,
             created=created,
-            model=self.engine.model_id,
+            model=adapter or self.engine.model_id,
             choices=[
                 ChatChoice(
                     index=choice.index,
@@ -791,12 +793,13 @@ class Server:
         created: int,
         prompt_tokens: int,
         include_usage: bool,
+        model: str,
     ) -> AsyncIterator[str]:
         def chunk(
             index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None
         ) -> str:
             choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
-            body = ChatCompletionChunk(id=completion_id, created=created, model=self.engine.model_id, choices=[choice])
+            body = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice])
             data = dump(body, exclude={"usage"} if not include_usage else set())
             return sse(data)
 
@@ -837,9 +840,7 @@ class Server:
                 completion_tokens=completion_tokens,
                 total_tokens=prompt_tokens + completion_tokens,
             )
-            final = ChatCompletionChunk(
-                id=completion_id, created=created, model=self.engine.model_id, choices=[], usage=usage
-            )
+            final = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)
             yield sse(final)
         yield "data: [DONE]\n\n"
 
@@ -883,7 +884,7 @@ class Server:
         response = TrajectoryResponse(
             id=new_id("traj"),
             created=now(),
-            model=self.engine.model_id,
+            model=adapter or self.engine.model_id,
             waypoints=output.trajectory[0].float().tolist(),
             modes=modes,
             usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
@@ -924,7 +925,7 @@ class Server:
         response = ClassificationResponse(
             id=new_id("classify"),
             created=now(),
-            model=self.engine.model_id,
+            model=adapter or self.engine.model_id,
             data=data,
             usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
@@ -955,7 +956,7 @@ class Server:
         response = ActionResponse(
             id=new_id("act"),
             created=now(),
-            model=self.engine.model_id,
+            model=adapter or self.engine.model_id,
             actions=actions[0].float().tolist(),
             usage=ClassificationUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )

@@ -146,6 +146,7 @@ def test_adapter_and_base_requests_decode_in_one_batch_and_answer_like_peft(adap
             hook.remove()
     assert any(set(names) == {*ADAPTERS, BASE_ADAPTER} for names in adapter_names_seen), adapter_names_seen
     for response, (model, _, _), (tokens, logprobs) in zip(responses, requests, expected, strict=True):
+        assert response.model == model, "a response names the adapter it ran with, as vLLM's do"
         entries = response.choices[0].logprobs.content
         assert [entry.token for entry in entries] == [tokenizer.decode([token]) for token in tokens], model
         assert [entry.logprob for entry in entries] == pytest.approx(logprobs, abs=1e-5), model
