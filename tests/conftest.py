@@ -35,3 +35,13 @@ def shared_processors():
 @pytest.fixture
 def processor(family, shared_processors):
     return shared_processors(family)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A tiny `LocalEngine` (the embedded Orion model) shared by one test module's requests."""
+    from serve_helpers import tiny_engine
+
+    engine = tiny_engine()
+    yield engine
+    engine.close(drain=False)

@@ -23,7 +23,6 @@ from serve_helpers import (
     chat_body,
     data_url,
     served,
-    tiny_engine,
     tiny_parts,
 )
 
@@ -38,13 +37,6 @@ from vlmheads.serve.sampling import RequestSampler, SamplingParams, sample_rows
 from vlmheads.serve.structured import GrammarCompiler, GrammarConstraint
 
 LIMITS = ServerLimits(max_body_bytes=200_000, max_images=2, max_image_bytes=60_000, max_image_pixels=100_000)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = tiny_engine()
-    yield engine
-    engine.close(drain=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,13 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import camera_data_url, chat_body, served, tiny_engine
+from serve_helpers import camera_data_url, chat_body, served
 
 from vlmheads.serve.__main__ import parse_args
 from vlmheads.serve.access_log import ACCESS_LOGGER, MAX_LOGGED_PATH
 
 API_KEY = "sk-access-log-secret-7c1f"
 PROMPT = "Describe the zebra crossing near the bakery."
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = tiny_engine()
-    yield engine
-    engine.close(drain=False)
 
 
 @pytest.fixture(scope="module")

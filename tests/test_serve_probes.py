@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import chat_body, data_url, free_port, served, tiny_engine, tiny_parts, wait_healthy
+from serve_helpers import chat_body, data_url, free_port, served, tiny_parts, wait_healthy
 
 from vlmheads.serve import GenerationEngine, TokenEvent
 from vlmheads.serve.app import (
@@ -36,13 +36,6 @@ from vlmheads.serve.models import EMBEDDED_MODEL_ID, load_model_folder
 from vlmheads.serve.sampling import SEED_MAX
 
 LIMITS = ServerLimits(max_image_pixels=100_000, max_request_pixels=150_000)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = tiny_engine()
-    yield engine
-    engine.close(drain=False)
 
 
 @pytest.fixture(scope="module")
