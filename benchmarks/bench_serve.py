@@ -33,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
 from transformers import HfArgumentParser
 
@@ -48,6 +50,13 @@ from transformers import HfArgumentParser
 class BenchmarkArguments:
     model: str | None = field(
         default=None, metadata={"help": "A saved model folder; the embedded tiny model if unset."}
+    )
+    real_width: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve the embedded Orion model at Qwen2-VL-2B-Instruct's text widths (its public config: hidden "
+            "1536, 12 heads, 2 key/value heads, MLP 8960) with 2 decoder layers, saved to a temporary folder."
+        },
     )
     clients: int = field(default=16, metadata={"help": "Concurrent clients."})
     requests: int = field(default=32, metadata={"help": "Requests of the throughput runs."})
@@ -155,8 +164,47 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def real_width_folder(out_dir: str) -> str:
+    """Saves the embedded model's architecture at Qwen2-VL-2B-Instruct's text widths (random weights, 2 decoder
+    layers, the tiny vision tower widened to the text width its merger feeds) with its processor into `out_dir`."""
+    from vlmheads import OrionQwenConfig, OrionQwenForTrajectory
+    from vlmheads.offline import tiny_orion_processor
+    from vlmheads.offline.configs import public_config, tiny_qwen2_vl_kwargs
+    from vlmheads.serve.models import EMBEDDED_HISTORY_QUERIES, EMBEDDED_SCENE_QUERIES
+
+    real = public_config("Qwen/Qwen2-VL-2B-Instruct")
+    processor = tiny_orion_processor(
+        num_scene_queries=EMBEDDED_SCENE_QUERIES, num_history_queries=EMBEDDED_HISTORY_QUERIES
+    )
+    kwargs = tiny_qwen2_vl_kwargs(len(processor.tokenizer))
+    widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    kwargs["text_config"].update({name: real[name] for name in widths})
+    kwargs["text_config"]["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": real["rope_theta"],
+        "mrope_section": real["rope_scaling"]["mrope_section"],
+    }
+    kwargs["vision_config"]["hidden_size"] = real["hidden_size"]
+    torch.manual_seed(0)
+    model = OrionQwenForTrajectory(OrionQwenConfig(**kwargs, **processor.model_config_kwargs())).eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    if args.real_width:
+        if args.model is not None:
+            raise ValueError("Give --model or --real_width, not both.")
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
+            args.model = real_width_folder(folder)
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: BenchmarkArguments) -> None:
     if not args.only:
         throughput_and_load(args)
     if args.hostile_seconds > 0:
