@@ -305,7 +305,7 @@ class LocalEngine(GenerationEngine):
                 )
             slot.cache = cache
             slot.cached_tokens = input_ids.shape[1]
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and repeat is None:
                 layers = [(layer.keys, layer.values) for layer in cache.layers]
                 self.prefix_cache.store(keys, layers, input_ids[0], outputs.logits[:, -1:])
             token = slot.sampler.sample(outputs.logits[:, -1])

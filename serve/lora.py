@@ -139,10 +139,6 @@ class LoraAdapters:
                 module.__class__ = row_split
         self.peft_model.eval()
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.paths)
-
     @contextlib.contextmanager
     def single(self, adapter: str | None) -> Iterator[None]:
         """Holds the lock with `adapter` active (None: the adapters disabled), for a call of the model on one
