@@ -7,7 +7,7 @@ tokens on the host, computes the position ids in NumPy (`mrope.py`: 3-D M-RoPE o
 `positions` says) and runs the decoder graph with a key/value cache.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ DEFAULT_NEW_TOKENS = 64
 # The decoder graph's buffer inputs and outputs (`past_key_values.{i}.key`, `present.{i}.value`, ...) and the input
 # that says how many buffer positions are filled; the export names its graph inputs and outputs with these.
 PAST_PREFIX, PRESENT_PREFIX, PAST_LENGTH_INPUT = "past_key_values.", "present.", "past_sequence_length"
-ATTENTION_MASK_INPUT, INPUTS_EMBEDS_INPUT = "attention_mask", "inputs_embeds"
+ATTENTION_MASK_INPUT, INPUTS_EMBEDS_INPUT, POSITION_IDS_INPUT = "attention_mask", "inputs_embeds", "position_ids"
 LOGITS_OUTPUT, HIDDEN_STATES_OUTPUT = "logits", "hidden_states"
 # Orion's driving inputs, the placeholder token (manifest token_ids key) each fills, in the driving graph's order.
 DRIVING_FEATURES = {"scene_queries": "scene", "history_queries": "history", "can_bus": "can_bus"}
@@ -43,15 +43,17 @@ class KeyValueCache:
         dtype: np.dtype,
         device: str,
         vocab_size: int,
+        hidden_size: int,
         with_hidden_states: bool,
     ):
         self.session = session
         self.capacity = shape[2]
+        self.dtype, self.hidden_size = dtype, hidden_size
         self.binding = session.io_binding()
         # Outputs that come back to the host, bound first (they lead get_outputs()): the next-token logits (B, V)
         # into one host array bound once by address, and Orion's hidden states (B, S, H), whose shape varies.
         self.logits = np.empty((shape[0], vocab_size), dtype=np.float32)
-        self.binding.bind_output(LOGITS_OUTPUT, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        _bind_array(self.binding, LOGITS_OUTPUT, self.logits, output=True)
         self.dynamic_outputs = [HIDDEN_STATES_OUTPUT] if with_hidden_states else []
         for name in self.dynamic_outputs:
             self.binding.bind_output(name, "cpu")
@@ -67,7 +69,8 @@ class KeyValueCache:
         self.attention_mask = np.zeros((shape[0], self.capacity), dtype=np.int64)
         self.past_length = np.zeros((), dtype=np.int64)
         for name, array in ((ATTENTION_MASK_INPUT, self.attention_mask), (PAST_LENGTH_INPUT, self.past_length)):
-            self.binding.bind_input(name, "cpu", 0, np.int64, list(array.shape), array.ctypes.data)
+            _bind_array(self.binding, name, array)
+        self.step: DecodeStep | None = None
 
     def run(self, attention_mask: np.ndarray, new_tokens: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Runs the decoder on `new_tokens` new positions after the filled ones, `attention_mask` (B, L) over all of
@@ -87,6 +90,53 @@ class KeyValueCache:
             outputs = self.binding.get_outputs()
             results.extend(outputs[index].numpy() for index in range(1, self.num_host_outputs))
         return results
+
+    def run_step(
+        self, embedding: ort.InferenceSession, next_tokens: np.ndarray, positions: np.ndarray, length: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeds `next_tokens` (B,) with the `embedding` session and runs the decoder on them at `positions`
+        ((3, B) or (B,)) after `length` filled positions. Returns the bound logits (B, V) and, for Orion, hidden
+        states (B, 1, H): the next step overwrites both."""
+        if self.step is None:
+            self.step = DecodeStep(self, embedding, positions.shape)
+        step = self.step
+        step.input_ids[:, 0] = next_tokens
+        embedding.run_with_iobinding(step.embedding_binding)
+        self.attention_mask[:, length] = 1
+        self.past_length[...] = length
+        step.position_ids[..., 0] = positions
+        self.session.run_with_iobinding(self.binding)
+        return self.logits, step.hidden_states
+
+
+class DecodeStep:
+    """The host arrays of a one-token decode step, bound once by address: the token ids (B, 1) as the embedding
+    graph's input, its output (B, 1, H) as the decoder's `inputs_embeds`, the position ids ((3, B, 1) or (B, 1)) and,
+    for Orion, the hidden states (B, 1, H). Each step writes ids and positions in place and runs both graphs on
+    their bindings: no per-token binding, allocation or copy on the host (prefill's inputs stay bound until the
+    first step rebinds the decoder's two inputs here)."""
+
+    def __init__(self, cache: KeyValueCache, embedding: ort.InferenceSession, positions_shape: tuple[int, ...]):
+        batch_size, hidden_size = cache.attention_mask.shape[0], cache.hidden_size
+        self.input_ids = np.zeros((batch_size, 1), dtype=np.int64)
+        self.inputs_embeds = np.zeros((batch_size, 1, hidden_size), dtype=cache.dtype)
+        self.position_ids = np.zeros((*positions_shape, 1), dtype=np.int64)
+        self.embedding_binding = embedding.io_binding()
+        _bind_array(self.embedding_binding, embedding.get_inputs()[0].name, self.input_ids)
+        _bind_array(self.embedding_binding, embedding.get_outputs()[0].name, self.inputs_embeds, output=True)
+        _bind_array(cache.binding, INPUTS_EMBEDS_INPUT, self.inputs_embeds)
+        _bind_array(cache.binding, POSITION_IDS_INPUT, self.position_ids)
+        self.hidden_states = None
+        if cache.dynamic_outputs:
+            output = next(entry for entry in cache.session.get_outputs() if entry.name == HIDDEN_STATES_OUTPUT)
+            self.hidden_states = np.zeros((batch_size, 1, hidden_size), dtype=ORT_TYPES[output.type])
+            _bind_array(cache.binding, HIDDEN_STATES_OUTPUT, self.hidden_states, output=True)
+
+
+def _bind_array(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:
+    """Binds the host `array` to the input (or output) `name` by address: ONNX Runtime reads (writes) it in place."""
+    bind = binding.bind_output if output else binding.bind_input
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
 
 @dataclass
@@ -286,7 +336,10 @@ class OnnxVLM:
         outputs = cache.run(
             attention_mask,
             inputs_embeds.shape[1],
-            {INPUTS_EMBEDS_INPUT: inputs_embeds, "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)},
+            {
+                INPUTS_EMBEDS_INPUT: inputs_embeds,
+                POSITION_IDS_INPUT: np.ascontiguousarray(position_ids, dtype=np.int64),
+            },
         )
         return outputs[0], outputs[1] if self.kind == "orion" else None
 
@@ -369,6 +422,7 @@ class OnnxVLM:
             inputs_embeds.dtype,
             self.device,
             sizes["vocab_size"],
+            inputs_embeds.shape[-1],
             with_hidden_states=self.kind == "orion",
         )
         logits, hidden_states = self._run_decoder(cache, inputs_embeds, attention_mask, position_ids)
@@ -376,18 +430,29 @@ class OnnxVLM:
 
     def decode(self, state: DecodeState, next_tokens: np.ndarray) -> DecodeState:
         """Feeds one new token per row (B,) after `state`; returns the state one step further."""
-        next_tokens = np.asarray(next_tokens, dtype=np.int64).reshape(-1, 1)
-        # Generated tokens are embedded as they are: images and driving features belong to the prompt.
-        inputs_embeds = self.sessions["embedding"].run(None, {"input_ids": next_tokens})[0]
-        if state.attention_mask.shape[1] >= state.cache.capacity:
+        state = self._step(state, next_tokens)
+        hidden_states = None if state.hidden_states is None else state.hidden_states.copy()
+        # Copies: the next step writes the bound arrays again.
+        return replace(state, logits=state.logits.copy(), hidden_states=hidden_states)
+
+    def _step(self, state: DecodeState, next_tokens: np.ndarray) -> DecodeState:
+        """`decode` whose logits and hidden states are the cache's bound arrays, valid until the next step."""
+        cache = state.cache
+        batch_size, length = state.attention_mask.shape
+        next_tokens = np.asarray(next_tokens)
+        if next_tokens.shape != (batch_size,):
             raise ValueError(
-                f"The cache is full: prefill reserved {state.cache.capacity} positions (the prompt and its "
+                f"next_tokens must have shape (B={batch_size},), one token per row, got {next_tokens.shape}."
+            )
+        if length >= cache.capacity:
+            raise ValueError(
+                f"The cache is full: prefill reserved {cache.capacity} positions (the prompt and its "
                 "max_new_tokens); pass a larger max_new_tokens to prefill."
             )
-        attention_mask = np.concatenate([state.attention_mask, np.ones_like(next_tokens)], axis=1)
+        # Generated tokens are embedded as they are: images and driving features belong to the prompt.
         positions = state.last_positions + 1
-        logits, hidden_states = self._run_decoder(state.cache, inputs_embeds, attention_mask, positions[..., None])
-        return DecodeState(logits, hidden_states, state.cache, attention_mask, positions)
+        logits, hidden_states = cache.run_step(self.sessions["embedding"], next_tokens, positions, length)
+        return DecodeState(logits, hidden_states, cache, cache.attention_mask[:, : length + 1], positions)
 
     def generate(
         self,
@@ -459,7 +524,7 @@ class OnnxVLM:
             unfinished &= ~(next_tokens[:, None] == stop_ids).any(axis=1)
             if not unfinished.any() or step == max_new_tokens - 1:
                 break
-            state = self.decode(state, next_tokens)
+            state = self._step(state, next_tokens)
         return sequences[:, : prompt_length + step + 1]
 
     def trajectory(

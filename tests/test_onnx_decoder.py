@@ -197,6 +197,16 @@ def test_decode_writes_the_preallocated_cache_buffers_in_place():
     assert [present.data_ptr() for present in presents] == addresses
     keys = cache.buffers[0].numpy()
     assert np.abs(keys[:, :, prompt_length]).max() > 0 and not keys[:, :, prompt_length + 1 :].any()
-    state = vlm.decode(state, state.logits.argmax(-1))
+    # A decode step's inputs are host arrays bound once: the embedding graph writes the decoder's inputs_embeds.
+    step = cache.step
+    tokens = state.logits.argmax(-1)
+    state = vlm.decode(state, tokens)
+    assert cache.step is step and state.attention_mask.shape == (len(tokens), prompt_length + 2)
+    embedded = vlm.sessions["embedding"].run(None, {"input_ids": tokens[:, None]})[0]
+    np.testing.assert_array_equal(step.inputs_embeds, embedded)
+    # decode returns copies of the bound logits, which the next step overwrites.
+    assert state.logits is not cache.logits and np.array_equal(state.logits, cache.logits)
+    with pytest.raises(ValueError, match=rf"next_tokens must have shape \(B={len(tokens)},\)"):
+        vlm.decode(state, tokens[:1])
     with pytest.raises(ValueError, match=f"cache is full: prefill reserved {prompt_length + 2} positions"):
         vlm.decode(state, state.logits.argmax(-1))
