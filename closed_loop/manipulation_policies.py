@@ -20,7 +20,7 @@ from ..data.manipulation import BACKGROUND
 from ..processing.collator_vla import PI0DataCollator, VLADataCollator
 from ..registry.vlms import create_vlm
 from ._headless import import_simulator
-from .manipulation_env import ACTION_DIM, PROPRIOCEPTION, MetaWorldEpisode, observation_of_state_dim
+from .manipulation_env import ACTION_DIM, IMAGE_SIZE, PROPRIOCEPTION, MetaWorldEpisode, observation_of_state_dim
 
 # `evaluate(model=...)` names of the policies that are not a model folder.
 EXPERT, RANDOM = "expert", "random"
@@ -79,8 +79,8 @@ class ModelPolicy:
     """A trained model folder: frame, instruction and state in, the predicted chunk out (batched over the episodes
     deciding at the same step). `VLAForActionPrediction` predicts with `predict_actions`; transformers' π0 (a
     `POLICY_FAMILIES` folder, loaded as the registry loads it) samples with its processor's statistics. `blind`
-    (one of `BLINDS`) hides the frame, or the frame and the world in the state. The observation setting is the one
-    the model was trained in, read from its state width."""
+    (one of `BLINDS`) hides the frame (a blank `IMAGE_SIZE` frame; none is rendered), or the frame and the world in
+    the state. The observation setting is the one the model was trained in, read from its state width."""
 
     needs_images = True
 
@@ -105,6 +105,8 @@ class ModelPolicy:
         if blind is not None and blind not in BLINDS:
             raise ValueError(f"blind must be one of {BLINDS} or None, got {blind!r}.")
         self.blind = blind
+        # A blind model's frame is blank whatever the scene: none is rendered for it.
+        self.needs_images = blind is None
         self.world_mean = np.asarray(state_mean or [], dtype=np.float32)[PROPRIOCEPTION:]
         # The flow heads sample noise: seeded, so that a run repeats.
         self.generator_seed = seed
@@ -115,7 +117,7 @@ class ModelPolicy:
         for observation in observations:
             image = observation.image
             if self.blind is not None:
-                image = Image.new("RGB", image.size, BACKGROUND)
+                image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
             record = {"images": [image], "instruction": observation.episode.instruction}
             if self.collator.state_dim:
                 record["state"] = observation.episode.state.copy()

@@ -127,7 +127,10 @@ def test_blind_policies_see_a_blank_frame_and_world_blind_ones_only_propriocepti
     frame = Image.new("RGB", (64, 64), (200, 10, 10))
     try:
         for blind in (None, BLIND_IMAGE, BLIND_WORLD):
-            actions = make_policy(folder, 0, blind=blind).act([Observation(episode, frame)])
+            policy = make_policy(folder, 0, blind=blind)
+            # No frame is rendered for a blind policy: it is handed none.
+            assert policy.needs_images == (blind is None)
+            actions = policy.act([Observation(episode, frame if policy.needs_images else None)])
             assert actions.shape == (1, 4, 4) and np.isfinite(actions).all()
     finally:
         episode.close()
