@@ -13,7 +13,8 @@ so ONNX Runtime GenAI runs the same decoder weights as a Qwen2ForCausalLM built 
 
 Per engine (a row), the engines taking turns every round, medians:
 - prefill: `generate(max_new_tokens=1)`;
-- decode per token: (time with N new tokens - prefill) / (N - 1), with each engine's key/value cache;
+- decode per token: (time with N new tokens - prefill) / (N - 1), with each engine's key/value cache; the same
+  from the process CPU time (less sensitive to other jobs on a shared machine, which make a process wait for a core);
 - peak RSS: the high-water mark (VmHWM) of a fresh process that loads the engine and generates N tokens (the ONNX
   Runtime engines in a process that never imports torch);
 - top-1 agreement with the fp32 ONNX decoder, teacher-forced on its greedy continuation of fixed prompts;
@@ -230,18 +231,24 @@ class GenAIEngine:
         return np.array(tops)
 
 
-def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run. After one warm-up each, the runs take turns, `repeats` rounds, so that a CPU
-    shared with other work slows all of them alike."""
+def interleaved_medians(
+    runs: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of each run, wall-clock and process CPU time. After one warm-up each, the runs take turns,
+    `repeats` rounds, so that a CPU shared with other work slows all of them alike; the CPU time leaves out the time
+    the process waited for a core."""
     times = {name: [] for name in runs}
+    cpu_times = {name: [] for name in runs}
     for run in runs.values():
         run()
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            cpu_times[name].append(time.process_time() - cpu_start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return medians, {name: statistics.median(values) for name, values in cpu_times.items()}
 
 
 def graph_bytes(out_dir: Path, graph: str) -> int:
@@ -416,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     source = np.ones(COPY_BYTES // 8)
     target = np.empty_like(source)
     runs[COPY_RUN] = functools.partial(np.copyto, target, source)
-    medians = interleaved_medians(runs, args.repeats)
+    medians, cpu_medians = interleaved_medians(runs, args.repeats)
     bandwidth = 2 * COPY_BYTES / medians[COPY_RUN]
 
     if args.weights == "trained":
@@ -463,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         "engine",
         "prefill (ms)",
         "decode (ms/token)",
+        "decode CPU time (ms/token)",
         "decode vs PyTorch eager",
         "peak RSS (MB)",
         "top-1 agreement",
@@ -475,11 +483,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in engines:
         prefill = medians[f"{name} prefill"]
         decode = (medians[f"{name} total"] - prefill) / (args.new_tokens - 1)
+        decode_cpu = (cpu_medians[f"{name} total"] - cpu_medians[f"{name} prefill"]) / (args.new_tokens - 1)
         limit = weight_bytes[name] / bandwidth
         cells = [
             name,
             f"{1000 * prefill:.1f}",
             f"{1000 * decode:.2f}",
+            f"{1000 * decode_cpu:.2f}",
             f"{eager_decode / decode:.2f}x",
             "n/a" if rss[name] is None else f"{rss[name] / 1e6:.0f}",
             f"{agreement[name]:.3f}",

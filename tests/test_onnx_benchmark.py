@@ -31,8 +31,8 @@ def test_onnx_benchmark_prints_a_row_per_engine(capsys):
     number = r"-?[\d.]+"
     for engine in ("OnnxVLM fp32", "OnnxVLM int8", "OnnxVLM int4", "PyTorch eager"):
         row = re.search(
-            rf"^\| {engine} \| {number} \| {number} \| {number}x \| (\d+) \| ({number}) \| {number} \({number} MB\) "
-            r"\| (True|False) \|$",
+            rf"^\| {engine} \| {number} \| {number} \| {number} \| {number}x \| (\d+) \| ({number}) "
+            rf"\| {number} \({number} MB\) \| (True|False) \|$",
             printed,
             re.M,
         )
