@@ -37,7 +37,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 def usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     lines = [f"  {name:<{width}}  {about}" for name, (_, _, about) in SUBCOMMANDS.items()]
-    return "usage: vlmheads SUBCOMMAND [ARGS...]\n\nsubcommands:\n" + "\n".join(lines) + "\n"
+    hint = "\n\n`vlmheads SUBCOMMAND --help` shows a subcommand's flags.\n"
+    return "usage: vlmheads SUBCOMMAND [ARGS...]\n\nsubcommands:\n" + "\n".join(lines) + hint
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ import datetime
 import functools
 import importlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -40,6 +41,16 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from ..serve.engine import GenerationRequest, TokenEvent
+from ..serve.options import (
+    ServerLimits,
+    add_server_arguments,
+    add_trust_remote_code_argument,
+    positive_float,
+    positive_int,
+    refuse_given,
+    serve_options,
+    server_limits,
+)
 from .engine import PipelineEngine
 from .runtime import StageFailure, StageLink, report_failure, run_worker
 from .stages import StageModel, load_stage_model, prepare
@@ -57,19 +68,11 @@ def _layer_counts(text: str | None) -> list[int] | None:
 def parse_prepare_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vlmheads.parallel prepare", description="Write stage shards.")
     parser.add_argument("--model", required=True, help="A saved model folder (with its processor).")
-    parser.add_argument("--stages", type=int, required=True)
+    parser.add_argument("--stages", type=int, required=True, help="How many stages (one process each) to split into.")
     parser.add_argument("--layers", default=None, help="Layers per stage, e.g. 3,5 (default: balanced by size).")
     parser.add_argument("--out", required=True, help="The folder to write the shards and plan to.")
-    _add_trust_argument(parser)
+    add_trust_remote_code_argument(parser)
     return parser.parse_args(argv)
-
-
-def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Run the model folder's own code. vlmheads' own model types load from the installed package without it.",
-    )
 
 
 def parse_run_args(argv: list[str]) -> argparse.Namespace:
@@ -85,28 +88,20 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--layers", default=None, help="Layers per stage, e.g. 3,5 (default: balanced by size).")
     parser.add_argument("--prompts", default=None, help="A JSONL file of prompts to run instead of serving.")
     parser.add_argument("--output", default=None, help="Where the batch mode writes its JSONL results.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key", default=os.environ.get("VLMHEADS_API_KEY"), help="Default: $VLMHEADS_API_KEY (as the server)."
+        "--max-active",
+        type=positive_int,
+        default=16,
+        help="Requests the pipeline holds at once. Default: %(default)s.",
     )
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--max-active", type=int, default=16, help="Requests the pipeline holds at once.")
     parser.add_argument(
-        "--max-model-len",
-        "--max-context",
-        dest="max_model_len",
-        type=int,
-        default=None,
-        help="Longest prompt + completion, in tokens (the server's flag; --max-context is an alias).",
+        "--max-context", dest="max_model_len", type=positive_int, default=None, help="An alias of --max-model-len."
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="Seconds a stage may stay silent.")
     parser.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=None,
-        help="Drain deadline on SIGTERM (the server's flag and default): requests still open after it end with an "
-        "error event; then the stages stop.",
+        "--timeout",
+        type=positive_float,
+        default=120.0,
+        help="Seconds a stage may stay silent before the others stop, naming it. Default: %(default)s.",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; then NCCL).")
@@ -116,10 +111,13 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
         action="store_false",
         help="Skip checking each prepared shard's SHA-256 against pipeline_plan.json.",
     )
-    _add_trust_argument(parser)
+    add_trust_remote_code_argument(parser)
+    http_only = add_server_arguments(parser)
     args = parser.parse_args(argv)
     if (args.prompts is None) != (args.output is None):
         parser.error("--prompts and --output go together.")
+    if args.prompts is not None:
+        refuse_given(parser, args, http_only, "with --prompts: the batch mode runs no HTTP server")
     return args
 
 
@@ -131,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(plan.to_dict()))
         return
     args = parse_run_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
     torch.set_num_threads(args.threads)
     try:
         run(args)
@@ -210,14 +209,11 @@ def run(args: argparse.Namespace) -> None:
         on_failure=on_failure,
     )
     if args.prompts is not None:
-        run_batch(engine, Path(args.prompts), Path(args.output))
+        run_batch(engine, Path(args.prompts), Path(args.output), server_limits(args))
     else:
-        from ..serve.app import ServerTimeouts, serve
+        from ..serve.app import serve
 
-        timeouts = (
-            ServerTimeouts() if args.shutdown_timeout is None else ServerTimeouts(shutdown=args.shutdown_timeout)
-        )
-        serve(engine, host=args.host, port=args.port, api_key=args.api_key, timeouts=timeouts)
+        serve(engine, **serve_options(args))
     engine.close(drain=True)
     dist.destroy_process_group()
 
@@ -253,17 +249,26 @@ def _request_inputs(line: dict[str, Any], processor: Any, base: Path) -> dict[st
 
 
 @functools.cache
-def _chat_server(engine: PipelineEngine) -> Any:
-    """The HTTP server's request handling (the `serve` extra), which turns OpenAI chat bodies into model inputs."""
-    from ..serve.app import Server, ServerLimits
+def _chat_server(engine: PipelineEngine, limits: ServerLimits) -> Any:
+    """The HTTP server's request handling (the `serve` extra), which turns OpenAI chat bodies into model inputs
+    within `limits` (images per request, their bytes and pixels)."""
+    from ..serve.app import Server
 
-    return Server(engine, ServerLimits().resolved(engine.processor))
+    return Server(engine, limits.resolved(engine.processor))
 
 
 class BatchLine:
     """One line of a prompts file: its request, and how its result is written (vlmheads' or OpenAI's format)."""
 
-    def __init__(self, index: int, text: str, engine: PipelineEngine, base: Path, done: threading.Semaphore):
+    def __init__(
+        self,
+        index: int,
+        text: str,
+        engine: PipelineEngine,
+        base: Path,
+        done: threading.Semaphore,
+        limits: ServerLimits,
+    ):
         self.done = done
         try:
             line = json.loads(text)
@@ -282,7 +287,9 @@ class BatchLine:
         try:
             if isinstance(line, dict) and "invalid" in line:
                 raise ValueError(line["invalid"])
-            self.request = self._openai_request(line, engine) if self.openai else self._request(line, engine, base)
+            self.request = (
+                self._openai_request(line, engine, limits) if self.openai else self._request(line, engine, base)
+            )
             self.prompt_tokens = int(self.request.inputs["input_ids"].shape[1])
         except (ValueError, TypeError, KeyError) as error:
             self.finish_reason, self.error = "error", f"{type(error).__name__}: {error}"
@@ -300,7 +307,7 @@ class BatchLine:
             stop_token_ids=tuple(line.get("stop_token_ids", ())),
         )
 
-    def _openai_request(self, line: dict[str, Any], engine: PipelineEngine) -> GenerationRequest:
+    def _openai_request(self, line: dict[str, Any], engine: PipelineEngine, limits: ServerLimits) -> GenerationRequest:
         from ..serve.app import APIError
         from ..serve.openai_protocol import ChatCompletionRequest
 
@@ -311,7 +318,7 @@ class BatchLine:
         body = ChatCompletionRequest.model_validate(line.get("body"))
         if body.stream or body.stop_strings:
             raise ValueError("body: stream and stop are not taken in a batch file.")
-        server = _chat_server(engine)
+        server = _chat_server(engine, limits)
         try:
             inputs = server.chat_inputs(body)
         except APIError as error:
@@ -379,12 +386,13 @@ class BatchLine:
         }
 
 
-def run_batch(engine: PipelineEngine, prompts: Path, output: Path) -> None:
+def run_batch(engine: PipelineEngine, prompts: Path, output: Path, limits: ServerLimits) -> None:
     """Submits every prompt at once, waits for all, writes the results in the prompts' order (each line in the
-    format it came in). SIGTERM aborts what has not finished; the results so far are still written."""
+    format it came in). `limits` bounds the images of OpenAI lines' data URLs, as the server's do.
+    SIGTERM aborts what has not finished; the results so far are still written."""
     done = threading.Semaphore(0)
     texts = [text for text in prompts.read_text().splitlines() if text.strip()]
-    lines = [BatchLine(index, text, engine, prompts.parent, done) for index, text in enumerate(texts)]
+    lines = [BatchLine(index, text, engine, prompts.parent, done, limits) for index, text in enumerate(texts)]
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=engine.close, args=(False,)).start())
     started = time.perf_counter()
     submitted = [line for line in lines if line.request is not None]

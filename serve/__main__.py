@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import torch
 
-from .app import API_KEY_ENV, DEFAULT_MAX_IMAGE_PIXELS, ServerLimits, ServerTimeouts, serve
+from .app import serve
 from .local_engine import LocalEngine
 from .lora import LORA_FLAG, parse_lora_specs
 from .models import EMBEDDED_MODEL_ID, embedded_tiny_model, load_model_folder
+from .options import add_server_arguments, add_trust_remote_code_argument, serve_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vlmheads.serve", description="An OpenAI-compatible HTTP server for a vlmheads model."
     )
     parser.add_argument("--model", default=None, help="A saved model folder; the embedded tiny model if unset.")
-    parser.add_argument("--served-model-name", default=None, help="The name clients send (default: folder name).")
     parser.add_argument(
         LORA_FLAG,
         action="append",
@@ -34,9 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="A peft LoRA adapter folder of the served model, served as the model NAME (repeat for more); requests "
         "on adapters and on the base model decode together.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"Default: ${API_KEY_ENV}.")
     parser.add_argument("--max-batch-size", type=int, default=16, help="Requests decoded together.")
     parser.add_argument(
         "--prefix-cache-entries",
@@ -44,51 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="KV caches of recent prompts kept for prompts sharing their prefix and images (0: off).",
     )
-    parser.add_argument("--max-model-len", type=int, default=None, help="Longest prompt + completion, in tokens.")
-    parser.add_argument("--max-images", type=int, default=ServerLimits.max_images, help="Images per request.")
-    parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=None,
-        help="Pixels of one image, checked on its header before decoding (default: the processor's max_pixels, "
-        f"else {DEFAULT_MAX_IMAGE_PIXELS}); larger JPEGs decode at 1/2, 1/4 or 1/8 scale when that fits.",
-    )
-    parser.add_argument(
-        "--max-request-pixels",
-        type=int,
-        default=None,
-        help="Decoded pixels of all of a request's images (default: twice --max-image-pixels).",
-    )
-    parser.add_argument(
-        "--body-timeout", type=float, default=ServerLimits.body_timeout, help="Seconds to send a request body."
-    )
-    parser.add_argument(
-        "--timeout-keep-alive", type=float, default=ServerTimeouts.keep_alive, help="Idle seconds between requests."
-    )
-    parser.add_argument(
-        "--header-timeout", type=float, default=ServerTimeouts.header, help="Seconds to send a whole request head."
-    )
-    parser.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=ServerTimeouts.shutdown,
-        help="Drain deadline on SIGTERM: requests still open after it end with an error event.",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Run the code a model folder ships (needed only for model types vlmheads does not register).",
-    )
-    parser.add_argument(
-        "--no-access-log",
-        "--disable-log-requests",
-        dest="access_log",
-        action="store_false",
-        help="Write no access line per request (logger vlmheads.serve.access, at INFO).",
-    )
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
-    parser.add_argument("--log-level", default="info")
+    add_server_arguments(parser)
     return parser
 
 
@@ -124,26 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         if not str(error).startswith(LORA_FLAG):
             raise
         parser.error(str(error))
-    limits = ServerLimits(
-        max_body_bytes=args.max_body_bytes,
-        max_images=args.max_images,
-        max_image_pixels=args.max_image_pixels,
-        max_request_pixels=args.max_request_pixels,
-        body_timeout=args.body_timeout,
-    )
-    timeouts = ServerTimeouts(
-        keep_alive=args.timeout_keep_alive, header=args.header_timeout, shutdown=args.shutdown_timeout
-    )
-    serve(
-        engine,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        limits=limits,
-        log_level=args.log_level,
-        timeouts=timeouts,
-        access_log=args.access_log,
-    )
+    serve(engine, **serve_options(args))
 
 
 if __name__ == "__main__":

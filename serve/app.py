@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -82,65 +82,17 @@ from .openai_protocol import (
     new_id,
     now,
 )
+from .options import API_KEY_ENV as API_KEY_ENV  # re-exported: defined beside the command-line options
+from .options import DEFAULT_MAX_IMAGE_PIXELS, ServerLimits, ServerTimeouts
+from .options import processor_max_pixels as processor_max_pixels  # re-exported
 from .sampling import reduced_seed
 from .structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "VLMHEADS_API_KEY"
 DISCONNECT_POLL_S = 0.5
 #: How long uvicorn waits past the drain deadline before it cancels what still runs.
 SHUTDOWN_GRACE_S = 5.0
-
-
-#: The pixel limit of an image when the processor declares no `max_pixels` of its own.
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may hold: body bytes, images per request, bytes and pixels per decoded image, and decoded
-    pixels per request, and the seconds a client may take to send its body (`body_timeout`).
-
-    `max_image_pixels` None means the processor's own `max_pixels` (Qwen-VL image processors resize every image
-    to at most that many pixels), else DEFAULT_MAX_IMAGE_PIXELS; `max_request_pixels` None means twice the image
-    limit. An image whose header declares more pixels is refused before its pixels are decoded, unless it is a
-    JPEG that PIL can decode at 1/2, 1/4 or 1/8 scale (`Image.draft`) to within the limit.
-
-    `processed_pixels`: the most pixels the processor resizes an image to (None: the processor's `max_pixels`, where
-    it declares one). An image of at least 4 times as many is decoded straight to a size nearer it, never below it:
-    JPEGs at 1/2, 1/4 or 1/8 scale (`Image.draft`), others reduced by a whole factor (`Image.reduce`) as soon as
-    they are decoded, so that a request's full-size images are not all held at once.
-    """
-
-    max_body_bytes: int = 16 * 2**20
-    max_images: int = 4
-    max_image_bytes: int = 8 * 2**20
-    max_image_pixels: int | None = None
-    max_request_pixels: int | None = None
-    body_timeout: float = 60.0
-    processed_pixels: int | None = None
-
-    def resolved(self, processor: Any) -> ServerLimits:
-        """These limits with the defaults that depend on the served processor filled in."""
-        processed_pixels = self.processed_pixels or processor_max_pixels(processor)
-        image_pixels = self.max_image_pixels or processed_pixels or DEFAULT_MAX_IMAGE_PIXELS
-        return replace(
-            self,
-            max_image_pixels=image_pixels,
-            max_request_pixels=self.max_request_pixels or 2 * image_pixels,
-            processed_pixels=processed_pixels,
-        )
-
-
-def processor_max_pixels(processor: Any) -> int | None:
-    """The most pixels the processor's image processor resizes an image to, where it declares a pixel budget
-    (`max_pixels` among its typed kwargs, as Qwen2-VL's family does; it keeps the value as `size["longest_edge"]`)."""
-    image_processor = getattr(processor, "image_processor", None)
-    declared = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
-    if "max_pixels" not in declared:
-        return None
-    return int(image_processor.size["longest_edge"])
 
 
 def shrink_factor(pixels: int, target: int | None) -> int:
@@ -1030,17 +982,6 @@ def create_app(
     # Added last, so it runs first: the guard's 401 and 413 answers are logged too.
     app.add_middleware(AccessLogMiddleware, log=access_log)
     return app
-
-
-@dataclass(frozen=True)
-class ServerTimeouts:
-    """Connection time limits, in seconds: `keep_alive` (idle between requests), `header` (from connecting, or from
-    the previous response, to a whole request head), `shutdown` (the drain deadline: on SIGTERM, requests still open
-    after it end with an error event). The body's is `ServerLimits.body_timeout`."""
-
-    keep_alive: float = 5.0
-    header: float = 10.0
-    shutdown: float = 30.0
 
 
 class HeaderTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
