@@ -9,6 +9,9 @@ Each `## ` section runs its blocks in order in a scratch folder of its own that 
   written in a subprocess until it answers; the section's Python blocks after it talk to it; then it gets SIGTERM.
 - A training command runs two steps on a few samples (`--max_steps 2`, as the README says); everything else as
   written.
+- A command that another test runs the same way (script, launcher and flags; fewer samples) and checks more
+  closely runs there, not twice: `RUN_ELSEWHERE` names the test. A command that makes a folder the session fixture
+  below makes with the same command (`MADE_BEFORE`) is not run again: the section links that folder.
 - Not run here: `bash scripts/run_tests.sh` is CI's own command (`.ci/run`); `bash scripts/run_demo.sh` (setup and two
   training phases, minutes) is covered by its parts: its Orion phase is `examples/train_orion.py`, which the fixture
   below runs to make `outputs/orion_demo` and `tests/test_train_orion.py` runs with the demo's defaults. The
@@ -57,6 +60,31 @@ STEPS = ["--max_steps", "2", "--disable_tqdm", "true"]
 MADE_BEFORE = {
     "outputs/orion_demo": ["examples/train_orion.py", "--output_dir", "outputs/orion_demo"],
     "outputs/vla": ["examples/train_vla.py", "--output_dir", "outputs/vla"],
+}
+# Commands (by how they start) that another test runs with the same script, launcher and flags and checks more
+# closely than a zero exit status: each runs there.
+RUN_ELSEWHERE = {
+    "torchrun --standalone --nproc_per_node 2 examples/train_orion.py ": (
+        "tests/test_train_orion.py::test_two_cpu_processes_train_with_ddp_over_gloo"
+    ),
+    "accelerate launch --multi_gpu --num_processes 2 examples/train_orion.py ": (
+        "tests/test_train_orion.py::test_two_cpu_processes_train_with_ddp_over_gloo"
+    ),
+    "python examples/train_orion.py --save_strategy steps --save_steps 200 ": (
+        "tests/test_train_orion.py::test_resuming_from_a_checkpoint_continues_the_same_loss_curve"
+    ),
+    "vlmheads train-orion --train_files ": (
+        "tests/test_train_orion.py::test_train_orion_reads_query_counts_and_widths_from_the_records"
+    ),
+    "python examples/train_orion.py --output_dir outputs/orion_tensorboard --report_to tensorboard": (
+        "tests/test_tracking.py::test_the_orion_script_reports_to"
+    ),
+    "python examples/train_receipts.py --output_dir outputs/receipts_trackio --report_to trackio": (
+        "tests/test_tracking.py::test_the_receipt_script_reports_to"
+    ),
+    "python examples/train_vla.py --family smolvlm --action_head flow": (
+        "tests/test_vla_examples.py::test_train_vla_trains_any_family_with_any_head_and_reloads_the_saved_model"
+    ),
 }
 BITSANDBYTES_NOISE = "Failed to load CPU gemm_4bit_forward"
 TIMEOUT = 900
@@ -115,6 +143,16 @@ def shell_commands(code: str) -> list[str]:
         current += char
         index += 1
     return [command for command in [*commands, current.strip()] if command]
+
+
+def run_elsewhere(command: str) -> str | None:
+    """The test that runs `command` (see `RUN_ELSEWHERE`), else None."""
+    return next((test for start, test in RUN_ELSEWHERE.items() if command.startswith(start)), None)
+
+
+def made_before_output(command: str) -> str | None:
+    """The folder that `command` makes when it is one of `MADE_BEFORE`'s commands, else None."""
+    return next((output for output, made in MADE_BEFORE.items() if command == " ".join(["python", *made])), None)
 
 
 def shortened(command: str) -> str:
@@ -265,15 +303,31 @@ def made_before(tmp_path_factory) -> Path:
 
 def section_clone(made_before: Path, folder: Path, blocks: list[tuple[int, str, str, str]]) -> Path:
     """A scratch clone for one section: `examples/`, `.venv/`, and the folders made before that the section does
-    not write itself."""
+    not write itself, or writes with the command that made them."""
     (folder / "examples").symlink_to(ROOT / "examples")
     (folder / ".venv").symlink_to(VENV)
-    written = {name for _, _, _, code in blocks for name in re.findall(r"--(?:output_dir|out_dir|out) (\S+)", code)}
+    run_here = [
+        command
+        for _, language, _, code in blocks
+        if language == "bash"
+        for command in shell_commands(code)
+        if made_before_output(command) is None
+    ]
+    written = {name for command in run_here for name in re.findall(r"--(?:output_dir|out_dir|out) (\S+)", command)}
     for output in MADE_BEFORE:
         if output not in written:
             (folder / output).parent.mkdir(parents=True, exist_ok=True)
             (folder / output).symlink_to(made_before / output)
     return folder
+
+
+def test_each_command_run_elsewhere_is_in_the_readme_and_its_test_exists():
+    bash = [code for _, language, _, code in readme_blocks() if language == "bash"]
+    commands = [command for code in bash for command in shell_commands(code)]
+    for start, test in RUN_ELSEWHERE.items():
+        assert any(command.startswith(start) for command in commands), f"no README command starts with {start!r}"
+        path, name = test.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(encoding="utf-8"), test
 
 
 def test_every_block_that_needs_the_hub_has_a_tiny_twin():
@@ -327,6 +381,8 @@ def test_the_section_runs_as_written(section, made_before, tmp_path_factory, tmp
                 check(result, where)
                 continue
             for command in shell_commands(code):
+                if run_elsewhere(command) or made_before_output(command):
+                    continue
                 if server_port(command) is None:
                     run_shell(command, folder, where)
                 else:
