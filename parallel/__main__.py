@@ -103,7 +103,7 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
         default=120.0,
         help="Seconds a stage may stay silent before the others stop, naming it. Default: %(default)s.",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process.")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process. Default: %(default)s.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; then NCCL).")
     parser.add_argument(
         "--no-verify-shards",

@@ -33,12 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="A peft LoRA adapter folder of the served model, served as the model NAME (repeat for more); requests "
         "on adapters and on the base model decode together.",
     )
-    parser.add_argument("--max-batch-size", type=int, default=16, help="Requests decoded together.")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=16, help="Requests decoded together. Default: %(default)s."
+    )
     parser.add_argument(
         "--prefix-cache-entries",
         type=int,
         default=8,
-        help="KV caches of recent prompts kept for prompts sharing their prefix and images (0: off).",
+        help="KV caches of recent prompts kept for prompts sharing their prefix and images (0: off). Default: "
+        "%(default)s.",
     )
     add_trust_remote_code_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")

@@ -109,10 +109,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> list[argparse.Actio
     """Adds the flags of the OpenAI-compatible HTTP server (address, API key, model name, request limits, connection
     timeouts, logging) to `parser`, as one help section. Returns the flags that only a running HTTP server honours
     (address, key, body and connection limits, access log), for a mode without one to refuse (`refuse_given`)."""
-    group = parser.add_argument_group(
-        "server options",
-        "The OpenAI-compatible HTTP server, the same for `vlmheads serve` and `vlmheads parallel`.",
-    )
+    group = parser.add_argument_group("server options", "The same for `vlmheads serve` and `vlmheads parallel`.")
     http_only: list[argparse.Action] = []
 
     def http(*flags: str, **settings: Any) -> None:
@@ -201,7 +198,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> list[argparse.Actio
         action="store_false",
         help="Write no access line per request (logger vlmheads.serve.access, at INFO).",
     )
-    group.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info", help="Default: %(default)s.")
+    group.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default="info",
+        help="Of the server's logs and uvicorn's. Default: %(default)s.",
+    )
     return http_only
 
 
