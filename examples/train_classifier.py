@@ -74,10 +74,12 @@ class ClassifierArguments:
         },
     )
     prompt: str = field(default="", metadata={"help": "The prompt after the image with multimodal pooling."})
-    classifier_hidden_dims: list[int] = field(default_factory=lambda: [256])
+    classifier_hidden_dims: list[int] = field(
+        default_factory=lambda: [256], metadata={"help": "Widths of the head's hidden layers."}
+    )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train only the head (and LoRA adapters)."})
     lora: bool = field(default=False, metadata={"help": "LoRA adapters on the language model; the head trains fully."})
-    lora_r: int = field(default=8)
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --lora)."})
 
 
 @dataclass

@@ -105,9 +105,9 @@ class ModelArguments:
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Do not train the vision tower."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Do not train the language model."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model instead."})
-    lora_r: int = field(default=16)
-    lora_alpha: int = field(default=16)
-    lora_dropout: float = field(default=0.05)
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --lora)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator: updates scale by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
 
 
 @dataclass

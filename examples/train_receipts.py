@@ -82,13 +82,19 @@ class ReceiptArguments:
         default="vision", metadata={"help": '"vision" (image only) or "multimodal" (image + prompt).'}
     )
     question: str | None = field(default=None, metadata={"help": "The prompt's question with multimodal pooling."})
-    classifier_hidden_dims: list[int] = field(default_factory=lambda: [768, 256])
-    classifier_dropout_rates: list[float] = field(default_factory=lambda: [0.2, 0.1])
-    classifier_batch_norm: bool = field(default=True)
+    classifier_hidden_dims: list[int] = field(
+        default_factory=lambda: [768, 256], metadata={"help": "Widths of the head's hidden layers."}
+    )
+    classifier_dropout_rates: list[float] = field(
+        default_factory=lambda: [0.2, 0.1], metadata={"help": "Dropout after each hidden layer, one rate per width."}
+    )
+    classifier_batch_norm: bool = field(
+        default=True, metadata={"help": "Batch norm after each hidden layer (batches of 2 samples or more)."}
+    )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train only the head (and LoRA adapters)."})
     lora: bool = field(default=False, metadata={"help": "LoRA adapters on the text decoder; the head trains fully."})
-    lora_r: int = field(default=8)
-    lora_alpha: int = field(default=16)
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --lora)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator: updates scale by alpha / r."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 text decoder (needs --lora)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "8-bit text decoder (needs --lora)."})
     tile_size: int = field(default=32, metadata={"help": "Tile size of the tiny offline model, in pixels."})

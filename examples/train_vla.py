@@ -76,7 +76,7 @@ class ModelArguments:
     num_action_bins: int = field(default=256, metadata={"help": "Bins per action dimension of the tokens head."})
     freeze_vision: bool = field(default=False, metadata={"help": "Do not train the vision tower and projector."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model instead."})
-    lora_r: int = field(default=16)
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --lora)."})
 
 
 @dataclass
