@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Loads this rank's stage, then drives the pipeline (rank 0) or serves as a later stage."""
+    if "RANK" not in os.environ:
+        raise ValueError(
+            "The pipeline runs one process per stage, started by torchrun (RANK is not set): "
+            "`torchrun --standalone --nproc-per-node STAGES -m vlmheads.parallel --model DIR ...`."
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

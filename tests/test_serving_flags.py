@@ -122,6 +122,12 @@ def test_the_batch_mode_refuses_the_flags_only_a_server_honours(capsys, monkeypa
     assert serve_options(args)["limits"].max_images == 1 and args.max_model_len == 64
 
 
+def test_the_pipeline_outside_torchrun_says_how_to_start_it(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="started by torchrun .RANK is not set.: `torchrun --standalone"):
+        parallel_main(["--model", "m", "--threads", str(torch.get_num_threads())])
+
+
 @pytest.fixture
 def saved_folder(tmp_path):
     model, processor = tiny_parts()
