@@ -36,6 +36,7 @@ def test_int8_decoder_graph_and_manifest_entry(quantized_export):
     assert path.stat().st_size < 0.6 * (out_dir / decoder["file"]).stat().st_size
 
 
+@pytest.mark.floors  # quantize_dynamic on the decoder: onnxruntime>=1.32
 def test_int8_decoder_is_close_to_float_decoder(quantized_export):
     out_dir, _ = quantized_export
     prompt = token_prompts(out_dir, num_prompts=1)[0]
