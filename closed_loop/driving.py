@@ -19,7 +19,8 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -292,19 +293,62 @@ def evaluate(
                 save_gif(rollout.frames, Path(video_folder) / f"{name}.gif")
             outcomes.append(rollout.outcome)
         env.close()
-    figures = {
-        "model": policy.name,
+    figures = figures_of(policy.name, names, outcomes)
+    if json_path is not None:
+        write_figures(figures, json_path)
+    return figures
+
+
+def figures_of(model_name: str, names: list[str], outcomes: list[EpisodeOutcome]) -> dict[str, Any]:
+    """`evaluate`'s figures of the episodes `outcomes` (ordered by scenario, then seed) of `model_name` in the
+    scenarios `names`."""
+    seeds = [outcome.seed for outcome in outcomes]
+    return {
+        "model": model_name,
         "scenarios": names,
-        "seeds": [seeds[0], seeds[-1]],
+        "seeds": [min(seeds), max(seeds)],
         **aggregate(outcomes),
         "num_episodes": len(outcomes),
         "per_scenario": {name: aggregate([o for o in outcomes if o.scenario == name]) for name in names},
         "penalties": {"collision": COLLISION_PENALTY, "off_road": OFF_ROAD_PENALTY},
         "episodes": [outcome.as_dict() for outcome in outcomes],
     }
-    if json_path is not None:
-        write_atomically(Path(json_path), lambda path: Path(path).write_text(json.dumps(figures, indent=2) + "\n"))
-    return figures
+
+
+def write_figures(figures: dict[str, Any], json_path: str | Path) -> None:
+    """Writes `evaluate`'s figures as JSON to `json_path`, whole or not at all."""
+    write_atomically(Path(json_path), lambda path: Path(path).write_text(json.dumps(figures, indent=2) + "\n"))
+
+
+def outcomes_of(figures: dict[str, Any]) -> list[EpisodeOutcome]:
+    """The episodes of `evaluate`'s figures (or their JSON) as `EpisodeOutcome`s."""
+    names = [item.name for item in fields(EpisodeOutcome)]
+    return [EpisodeOutcome(**{name: episode[name] for name in names}) for episode in figures["episodes"]]
+
+
+def join_figures(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of one model's evaluations on consecutive seeds (`evaluate`'s output for seeds a…b, then b+1…c,
+    …, in the same scenarios) as those of one evaluation on a…c: the episodes of all, aggregated afresh. An episode
+    depends only on the policy, the scenario and its seed, so this equals evaluating a…c at once."""
+    if not parts:
+        raise ValueError("No evaluations to join.")
+    first = parts[0]
+    for before, after in pairwise(parts):
+        if (after["model"], after["scenarios"]) != (first["model"], first["scenarios"]):
+            raise ValueError(
+                f"Only evaluations of one model in the same scenarios join: {first['model']!r} in "
+                f"{first['scenarios']} and {after['model']!r} in {after['scenarios']}."
+            )
+        if after["seeds"][0] != before["seeds"][1] + 1:
+            raise ValueError(
+                f"Joined evaluations must follow on: seeds {before['seeds']} are followed by {after['seeds']}."
+            )
+    names = first["scenarios"]
+    outcomes = sorted(
+        (outcome for part in parts for outcome in outcomes_of(part)),
+        key=lambda outcome: (names.index(outcome.scenario), outcome.seed),
+    )
+    return figures_of(first["model"], names, outcomes)
 
 
 def main(argv: list[str] | None = None) -> None:

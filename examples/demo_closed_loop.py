@@ -1,5 +1,5 @@
-"""Closed-loop driving demo: does a tiny Orion planner drive? In highway-env (the `sim` extra), in about two minutes
-on 2 CPU cores:
+"""Closed-loop driving demo: does a tiny Orion planner drive? It learns from highway-env's expert and drives held-out
+episodes beside the expert and constant velocity (the `sim` extra), in about two minutes on 2 CPU cores.
 
 1. highway-env's IDM/MOBIL expert drives a few episodes on training seeds (and one on a validation seed), written as
    Orion records (`vlmheads.closed_loop.driving.collect`);
@@ -80,7 +80,9 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses()
+    description = __doc__.split("\n\n")[0] + " Inputs: none, the expert's records are collected here (schema: "
+    description += "vlmheads.data.driving)."
+    (args,) = HfArgumentParser(DemoArguments, description=description).parse_args_into_dataclasses()
     names, out = parse_scenarios(args.scenarios), Path(args.output_dir)
     scenarios = ",".join(names)
     heading(f"Closed loop: expert demonstrations in highway-env ({scenarios}; training and validation seeds)")

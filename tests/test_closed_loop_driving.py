@@ -1,6 +1,9 @@
 """Closed-loop driving in highway-env: scenarios, records, controller, metrics, JSON contract and bad input."""
 
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ from vlmheads.closed_loop.driving import (
     collect,
     drive_episode,
     evaluate,
+    figures_of,
+    join_figures,
     main,
     save_video,
 )
@@ -168,6 +173,41 @@ def test_driving_score_and_aggregates_of_hand_made_outcomes():
         outcome(completion=1.5)
     with pytest.raises(ValueError, match="No episodes"):
         aggregate([])
+
+
+def test_evaluations_on_consecutive_seeds_join_into_one():
+    def outcome(scenario, seed, collision):
+        return EpisodeOutcome(scenario, seed, collision, 0, 0.5 if collision else 1.0, 80.0, 20.0, 4.0)
+
+    names = ["merge", "highway"]
+    seeds = {"first": [100000, 100001], "rest": [100002]}
+    parts = {
+        part: figures_of("mlp", names, [outcome(name, seed, seed % 2 == 1) for name in names for seed in chosen])
+        for part, chosen in seeds.items()
+    }
+    whole = figures_of(
+        "mlp", names, [outcome(name, seed, seed % 2 == 1) for name in names for seed in range(100000, 100003)]
+    )
+    joined = json.loads(json.dumps(join_figures([parts["first"], parts["rest"]])))
+    assert joined == json.loads(json.dumps(whole))
+    assert joined["seeds"] == [100000, 100002] and joined["num_episodes"] == 6
+    assert joined["collision_rate"] == pytest.approx(2 / 6)
+    assert [(e["scenario"], e["seed"]) for e in joined["episodes"]][:3] == [
+        ("merge", s) for s in range(100000, 100003)
+    ]
+    with pytest.raises(ValueError, match="must follow on"):
+        join_figures([parts["rest"], parts["first"]])
+    with pytest.raises(ValueError, match="one model"):
+        join_figures([parts["first"], {**parts["rest"], "model": "flow"}])
+
+
+def test_the_closed_loop_demo_describes_itself(capsys, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "examples" / "demo_closed_loop.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(script), run_name="__main__")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Closed-loop driving demo: does a tiny Orion planner drive?" in text and "Inputs:" in text
 
 
 @pytest.mark.slow
