@@ -57,4 +57,6 @@ def test_each_scripts_help_describes_it_and_names_its_inputs():
         summary = Path(path).read_text().split('"""')[1].split("\n\n")[0]
         assert re.sub(r"\s", "", summary) in re.sub(r"\s", "", text), (path, text[:600])
         assert re.search(r"(schema|Inputs):\s", text), (path, text[:600])
+    train_orion = helps[str(EXAMPLES / "train_orion.py")]
+    assert "vlmheads.data.driving" in train_orion and "--num_plotted_samples" in train_orion
     assert "Failed to load CPU gemm_4bit_forward" not in run.stderr
