@@ -326,7 +326,7 @@ def plot(path: Path, names: list[str], results: dict, l2: dict[str, dict[str, fl
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 5))
     width = 0.8 / len(rows)
     for index, key in enumerate(rows):
         positions = np.arange(len(names)) + (index - (len(rows) - 1) / 2) * width
@@ -337,7 +337,9 @@ def plot(path: Path, names: list[str], results: dict, l2: dict[str, dict[str, fl
         axis.set_xticks(np.arange(len(names)), names)
         axis.set_title(title)
         axis.set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7)
+    # One legend under the bars, where it hides none of them.
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     for index, key in enumerate(rows):
         if key in l2:
             scores = [results[key, name]["driving_score"] for name in names]
@@ -346,7 +348,7 @@ def plot(path: Path, names: list[str], results: dict, l2: dict[str, dict[str, fl
     axes[2].set_ylabel("closed-loop driving score")
     axes[2].set_title("open loop vs closed loop")
     axes[2].legend(fontsize=7)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06 * ((len(rows) + 3) // 4), 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
