@@ -23,7 +23,9 @@ Stages (each kept once done, so that a run cut short resumes):
 6. the Markdown tables (printed and written to `OUT/results.md`), the plot `OUT/closed_loop_driving.png` and one GIF
    per scenario of the `--video_model` planner with its planned waypoints drawn (`OUT/videos/`).
 
-    python benchmarks/bench_closed_loop_driving.py                        # the BENCHMARKS.md configuration
+    python benchmarks/bench_closed_loop_driving.py --epochs 6             # BENCHMARKS.md's clean models, then:
+    python benchmarks/bench_closed_loop_driving.py --dart_episodes 8 --dagger_episodes 4 --max_steps 600 \
+        --eval_episodes 50 --row_episodes expert-plan=10 --workers 1 --video_model mlp-aggregated  # its table
     python benchmarks/bench_closed_loop_driving.py --out /tmp/smoke --train_episodes 1 --validation_episodes 1 \\
         --eval_episodes 1 --epochs 1                                     # a smoke run
 """
