@@ -21,7 +21,11 @@ Per engine (a row), the engines taking turns every round, medians:
 - decode / bandwidth limit: decode per token divided by the time to read the weights a decode step reads once (the
   fp32 rows: the fp32 decoder graph's weights, the layers and the LM head, which all four engines read; the int8 and
   int4 rows: their decoder graphs) at the memory bandwidth of a large NumPy copy (bytes read + bytes written per
-  second), a run that takes its turn with the engines.
+  second), a run that takes its turn with the engines;
+- decode / fp32 MatMuls alone (fp32 rows): decode per token divided by the time ONNX Runtime's MatMul kernel takes
+  to read the same weight matrices with nothing else to do (one graph of the fp32 decoder's MatMuls, each on its own
+  (1, 1, K) input, in the decoder's order), a run that also takes its turn: how far a decode step is from what the
+  kernel attains on this machine, as the bandwidth limit says how far it is from the memory.
 
     python benchmarks/bench_onnx.py --threads 1 --weights trained
 """
@@ -41,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -53,6 +58,8 @@ from vlmheads.onnx_export.quantize import INT4_DECODER, INT8_DECODER, quantize_d
 ONNX_ENGINES = {"OnnxVLM fp32": "decoder", "OnnxVLM int8": INT8_DECODER, "OnnxVLM int4": INT4_DECODER}
 COPY_BYTES = 256 * 1024**2
 COPY_RUN = "memory copy"
+MATMULS_RUN = "fp32 MatMuls alone"
+FP32_ENGINES = ("GenAI fp32", "OnnxVLM fp32", "PyTorch eager", "PyTorch torch.compile")
 # Byte-level text: token id = TEXT_TOKEN_OFFSET + byte, clear of the ids the tiny configurations reserve.
 TEXT_TOKEN_OFFSET = 10
 TRAIN_FRACTION, TRAIN_WINDOW = 0.9, 32
@@ -257,6 +264,30 @@ def graph_bytes(out_dir: Path, graph: str) -> int:
     return sum((out_dir / name).stat().st_size for name in [entry["file"], *entry["external_data"]])
 
 
+def matmuls_alone(out_dir: Path, threads: int) -> Callable[[], object]:
+    """A run of the fp32 decoder's weight MatMuls and nothing else: one graph holding each MatMul whose weight is a
+    2-D initializer, in the decoder's order, each fed its own (1, 1, K) input (one decode step's weight reads)."""
+    decoder = onnx.load(out_dir / read_manifest(out_dir, verify_checksums=False)["graphs"]["decoder"]["file"])
+    weights = {tensor.name: tensor for tensor in decoder.graph.initializer if len(tensor.dims) == 2}
+    nodes, inputs, outputs, initializers, feeds = [], [], [], [], {}
+    for node in decoder.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        weight = weights[node.input[1]]
+        index = len(nodes)
+        inputs.append(onnx.helper.make_tensor_value_info(f"x{index}", weight.data_type, [1, 1, weight.dims[0]]))
+        outputs.append(onnx.helper.make_tensor_value_info(f"y{index}", weight.data_type, None))
+        nodes.append(onnx.helper.make_node("MatMul", [f"x{index}", weight.name], [f"y{index}"]))
+        initializers.append(weight)
+        feeds[f"x{index}"] = np.ones((1, 1, weight.dims[0]), dtype=np.float32)
+    graph = onnx.helper.make_graph(nodes, MATMULS_RUN, inputs, outputs, initializers)
+    model = onnx.helper.make_model(graph, opset_imports=decoder.opset_import, ir_version=decoder.ir_version)
+    session = ort.InferenceSession(
+        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    return functools.partial(session.run, None, feeds)
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -272,6 +303,7 @@ sys.modules["torch"] = None
 sys.modules["transformers"] = None
 from pathlib import Path
 import numpy as np
+import onnx
 import onnxruntime as ort
 work, engine, graph = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 threads, new_tokens = int(sys.argv[4]), int(sys.argv[5])
@@ -423,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     source = np.ones(COPY_BYTES // 8)
     target = np.empty_like(source)
     runs[COPY_RUN] = functools.partial(np.copyto, target, source)
+    runs[MATMULS_RUN] = matmuls_alone(out_dir, args.threads)
     medians, cpu_medians = interleaved_medians(runs, args.repeats)
     bandwidth = 2 * COPY_BYTES / medians[COPY_RUN]
 
@@ -475,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak RSS (MB)",
         "top-1 agreement",
         "decode / bandwidth limit",
+        "decode / fp32 MatMuls alone",
         "same tokens as fp32",
     ]
     print("| " + " | ".join(header) + " |")
@@ -494,9 +528,15 @@ def main(argv: list[str] | None = None) -> None:
             "n/a" if rss[name] is None else f"{rss[name] / 1e6:.0f}",
             f"{agreement[name]:.3f}",
             f"{decode / limit:.2f} ({weight_bytes[name] / 1e6:.0f} MB)",
+            f"{decode / medians[MATMULS_RUN]:.2f}" if name in FP32_ENGINES else "-",
             str(same_tokens[name]),
         ]
         print("| " + " | ".join(cells) + " |")
+    matmuls = medians[MATMULS_RUN]
+    print(
+        f"fp32 MatMuls alone: {1000 * matmuls:.2f} ms per step ({1000 * cpu_medians[MATMULS_RUN]:.2f} ms CPU time), "
+        f"{matmuls * bandwidth / weight_bytes['OnnxVLM fp32']:.2f}x the bandwidth limit"
+    )
     print(
         f"top-1 agreement: {args.agreement_prompts} prompts x {positions} positions, teacher-forced on the fp32 "
         "OnnxVLM greedy continuation"

@@ -28,16 +28,21 @@ def test_onnx_benchmark_prints_a_row_per_engine(capsys):
     printed = capsys.readouterr().out
     assert "text prompt 8 tokens, N = 3 new tokens" in printed
     assert re.search(r"copy bandwidth [\d.]+ GB/s", printed)
+    assert re.search(
+        r"^fp32 MatMuls alone: [\d.]+ ms per step \([\d.]+ ms CPU time\), [\d.]+x the bandwidth", printed, re.M
+    )
     number = r"-?[\d.]+"
     for engine in ("OnnxVLM fp32", "OnnxVLM int8", "OnnxVLM int4", "PyTorch eager"):
         row = re.search(
             rf"^\| {engine} \| {number} \| {number} \| {number} \| {number}x \| (\d+) \| ({number}) "
-            rf"\| {number} \({number} MB\) \| (True|False) \|$",
+            rf"\| {number} \({number} MB\) \| ({number}|-) \| (True|False) \|$",
             printed,
             re.M,
         )
         assert row, f"no row for {engine} in:\n{printed}"
         assert int(row.group(1)) > 0 and 0 <= float(row.group(2)) <= 1
+        # The MatMuls-alone ratio is given for the engines that read the fp32 weights only.
+        assert (row.group(3) == "-") == ("int" in engine)
     assert re.search(r"^\| OnnxVLM fp32 \| .* \| 1\.000 \| .* \| True \|$", printed, re.M)
     assert re.search(r"^\| PyTorch eager \| .* \| True \|$", printed, re.M)
 
