@@ -20,8 +20,8 @@ Per engine (a row), the engines taking turns every round, medians:
 - top-1 agreement with the fp32 ONNX decoder, teacher-forced on its greedy continuation of fixed prompts;
 - decode / bandwidth limit: decode per token divided by the time to read the weights a decode step reads once (the
   fp32 rows: the fp32 decoder graph's weights, the layers and the LM head, which all four engines read; the int8 and
-  int4 rows: their decoder graphs) at the memory bandwidth of a large NumPy copy (bytes read + bytes written per
-  second), a run that takes its turn with the engines;
+  int4 rows: their decoder graphs) at the memory bandwidth of a large NumPy copy on as many threads as the engines
+  get (`--threads` equal parts, bytes read + bytes written per second), a run that takes its turn with the engines;
 - decode / fp32 MatMuls alone (fp32 rows): decode per token divided by the time ONNX Runtime's MatMul kernel takes
   to read the same weight matrices with nothing else to do (one graph of the fp32 decoder's MatMuls, each on its own
   (1, 1, K) input, in the decoder's order), a run that also takes its turn: how far a decode step is from what the
@@ -31,6 +31,7 @@ Per engine (a row), the engines taking turns every round, medians:
 """
 
 import argparse
+import concurrent.futures
 import copy
 import functools
 import json
@@ -264,6 +265,19 @@ def graph_bytes(out_dir: Path, graph: str) -> int:
     return sum((out_dir / name).stat().st_size for name in [entry["file"], *entry["external_data"]])
 
 
+def parallel_copy(target: np.ndarray, source: np.ndarray, threads: int) -> Callable[[], None]:
+    """A copy of the 1-D `source` into `target` in `threads` equal parts copied at once (NumPy leaves the GIL while
+    it copies): what the engines' threads together can move."""
+    parts = list(zip(np.array_split(target, threads), np.array_split(source, threads), strict=True))
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+
+    def copy() -> None:
+        for future in [pool.submit(np.copyto, *part) for part in parts]:
+            future.result()
+
+    return copy
+
+
 def matmuls_alone(out_dir: Path, threads: int) -> Callable[[], object]:
     """A run of the fp32 decoder's weight MatMuls and nothing else: one graph holding each MatMul whose weight is a
     2-D initializer, in the decoder's order, each fed its own (1, 1, K) input (one decode step's weight reads)."""
@@ -452,9 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in engines.items():
         runs[f"{name} prefill"] = functools.partial(run, 1)
         runs[f"{name} total"] = functools.partial(run, args.new_tokens)
-    source = np.ones(COPY_BYTES // 8)
-    target = np.empty_like(source)
-    runs[COPY_RUN] = functools.partial(np.copyto, target, source)
+    runs[COPY_RUN] = parallel_copy(np.empty(COPY_BYTES // 8), np.ones(COPY_BYTES // 8), args.threads)
     runs[MATMULS_RUN] = matmuls_alone(out_dir, args.threads)
     medians, cpu_medians = interleaved_medians(runs, args.repeats)
     bandwidth = 2 * COPY_BYTES / medians[COPY_RUN]

@@ -4,6 +4,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_onnx.py"
@@ -45,6 +46,13 @@ def test_onnx_benchmark_prints_a_row_per_engine(capsys):
         assert (row.group(3) == "-") == ("int" in engine)
     assert re.search(r"^\| OnnxVLM fp32 \| .* \| 1\.000 \| .* \| True \|$", printed, re.M)
     assert re.search(r"^\| PyTorch eager \| .* \| True \|$", printed, re.M)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_bandwidth_copy_moves_every_element_on_each_thread_count(threads):
+    source, target = np.arange(1001, dtype=np.float64), np.zeros(1001)
+    load_benchmark().parallel_copy(target, source, threads)()
+    np.testing.assert_array_equal(target, source)
 
 
 def test_onnx_benchmark_needs_two_new_tokens():
