@@ -303,10 +303,23 @@ def matmuls_alone(out_dir: Path, threads: int) -> Callable[[], object]:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
+    """One intra-op thread per session, or, with more, the process's shared pool (`share_thread_pool`)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    if threads > 1:
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     return options
+
+
+def share_thread_pool(threads: int) -> None:
+    """With more than one thread, the ONNX Runtime sessions of this process (three hosts of two sessions each and
+    the MatMuls-alone run) share one global pool of `threads` intra-op threads, as ONNX Runtime advises for several
+    sessions in one process: with a pool each, the idle pools' spinning workers take cores from the running one. Must
+    run before the first session is created."""
+    if threads > 1:
+        ort.set_global_thread_pool_sizes(threads, 1)
 
 
 # Peak RSS of the ONNX Runtime engines, measured where torch is never imported (as a deployment would run them).
@@ -398,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--vocab-size must be above {TEXT_TOKEN_OFFSET + 255}, got {args.vocab_size}."
         )
     torch.set_num_threads(args.threads)
+    share_thread_pool(args.threads)
     scratch = tempfile.TemporaryDirectory()
     work = args.out_dir or Path(scratch.name)
     work.mkdir(parents=True, exist_ok=True)

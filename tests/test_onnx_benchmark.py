@@ -55,6 +55,12 @@ def test_the_bandwidth_copy_moves_every_element_on_each_thread_count(threads):
     np.testing.assert_array_equal(target, source)
 
 
+def test_sessions_use_one_thread_or_the_shared_pool():
+    session_options = load_benchmark().session_options
+    assert session_options(1).intra_op_num_threads == 1 and session_options(1).use_per_session_threads
+    assert not session_options(2).use_per_session_threads
+
+
 def test_onnx_benchmark_needs_two_new_tokens():
     with pytest.raises(ValueError, match="--new-tokens must be at least 2"):
         load_benchmark().main(["--new-tokens", "1"])
