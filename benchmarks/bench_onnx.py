@@ -338,7 +338,6 @@ sys.modules["torch"] = None
 sys.modules["transformers"] = None
 from pathlib import Path
 import numpy as np
-import onnx
 import onnxruntime as ort
 work, engine, graph = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 threads, new_tokens = int(sys.argv[4]), int(sys.argv[5])
