@@ -220,8 +220,11 @@ def open_loop(
     folders: dict[str, Path], validation: list[Path], path: Path, batch_size: int = 64
 ) -> dict[str, dict[str, float]]:
     """L2 at 1/2/3 s on the validation frames: constant velocity (the CAN bus's speed and yaw rate) and each model,
-    kept in the JSON file `path`, where only the rows it lacks are computed and added."""
-    rows = json.loads(path.read_text()) if path.exists() else {}
+    kept in the JSON file `path` with the names of the `validation` files, where only the rows it lacks are computed
+    and added (all of them when it was computed on other files)."""
+    files = sorted(file.name for file in validation)
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    rows = kept["rows"] if kept.get("validation_files") == files else {}
     missing = {key: folder for key, folder in folders.items() if key not in rows}
     if CONSTANT_VELOCITY in rows and not missing:
         return rows
@@ -242,17 +245,27 @@ def open_loop(
                 batch.pop("ego_waypoints")
                 planned.append(model(**batch).trajectory.float().numpy())
         rows[key] = metrics.compute(np.concatenate(planned), targets)
-    path.write_text(json.dumps(rows, indent=2) + "\n")
+    path.write_text(json.dumps({"validation_files": files, "rows": rows}, indent=2) + "\n")
     return rows
+
+
+def parse_row_episodes(args: BenchmarkArguments) -> dict[str, int]:
+    """The rows of `--row_episodes` (`ROW=N,...`) and their episodes per scenario, checked."""
+    counts = {}
+    for item in filter(None, (item.strip() for item in args.row_episodes.split(","))):
+        key, _, count = item.partition("=")
+        if key not in POLICIES or not count.isdigit() or int(count) < 1:
+            raise ValueError(
+                f"--row_episodes takes ROW=N,... with ROW among {list(POLICIES)} and N a positive integer, "
+                f"got {item!r}."
+            )
+        counts[key] = int(count)
+    return counts
 
 
 def episodes_of(args: BenchmarkArguments, key: str) -> int:
     """Closed-loop episodes per scenario of a table row: `--eval_episodes`, or the row's own in `--row_episodes`."""
-    fewer = dict(item.split("=") for item in args.row_episodes.split(",") if item)
-    unknown = set(fewer) - set(POLICIES)
-    if unknown:
-        raise ValueError(f"--row_episodes names unknown rows {sorted(unknown)}; rows: {list(POLICIES)}.")
-    return int(fewer.get(key, args.eval_episodes))
+    return parse_row_episodes(args).get(key, args.eval_episodes)
 
 
 def result_path(out: Path, key: str, name: str, first: int, last: int) -> Path:
@@ -372,6 +385,7 @@ def main() -> None:
     heads = [head.strip() for head in args.aggregated_heads.split(",") if head.strip()]
     if not set(heads) <= set(HEADS):
         raise ValueError(f"--aggregated_heads must name heads among {list(HEADS)}, got {args.aggregated_heads!r}.")
+    parse_row_episodes(args)  # a bad --row_episodes fails before hours of collection and training
     started = time.perf_counter()
     clean = collect_sets(args, names, out, [("train", EXPERT, TRAINING_SEEDS.start, args.train_episodes, "")])
     validation_set = ("validation", EXPERT, VALIDATION_SEEDS.start, args.validation_episodes, "")

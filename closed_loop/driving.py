@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from itertools import pairwise
@@ -121,6 +122,8 @@ def drive_episode(
     ego car's own next poses when the policy is the expert (`is_expert`), else with `expert_plan` from the state the
     policy reached. With `video`, annotated frames are kept.
     """
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be a positive number of policy steps, got {max_steps}.")
     scenario = get_scenario(scenario_name)
     ego = reset_episode(env, scenario, seed)
     policy.reset(seed)
@@ -299,14 +302,30 @@ def evaluate(
     return figures
 
 
-def figures_of(model_name: str, names: list[str], outcomes: list[EpisodeOutcome]) -> dict[str, Any]:
-    """`evaluate`'s figures of the episodes `outcomes` (ordered by scenario, then seed) of `model_name` in the
-    scenarios `names`."""
-    seeds = [outcome.seed for outcome in outcomes]
+def figures_of(model_name: str, names: Sequence[str], outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
+    """`evaluate`'s figures of the episodes `outcomes` of `model_name` in the scenarios `names`, listed by scenario,
+    then seed. Every scenario must have been driven once on each of the same consecutive seeds (a `ValueError` names
+    the scenario that was not), so that the aggregates and `seeds` describe the same episodes."""
+    if not outcomes:
+        raise ValueError(f"No episodes of {model_name!r} to report.")
+    strays = sorted({outcome.scenario for outcome in outcomes} - set(names))
+    if strays:
+        raise ValueError(f"Episodes of {model_name!r} in scenarios {strays}, which are not among {list(names)}.")
+    first, last = min(outcome.seed for outcome in outcomes), max(outcome.seed for outcome in outcomes)
+    for name in names:
+        driven = Counter(outcome.seed for outcome in outcomes if outcome.scenario == name)
+        missing = sorted(set(range(first, last + 1)) - set(driven))
+        repeated = sorted(seed for seed, count in driven.items() if count > 1)
+        if missing or repeated:
+            raise ValueError(
+                f"Episodes of {model_name!r} in {name} must cover each of the seeds {first}…{last} once: "
+                f"seeds {missing} are missing, seeds {repeated} repeated."
+            )
+    outcomes = sorted(outcomes, key=lambda outcome: (list(names).index(outcome.scenario), outcome.seed))
     return {
         "model": model_name,
-        "scenarios": names,
-        "seeds": [min(seeds), max(seeds)],
+        "scenarios": list(names),
+        "seeds": [first, last],
         **aggregate(outcomes),
         "num_episodes": len(outcomes),
         "per_scenario": {name: aggregate([o for o in outcomes if o.scenario == name]) for name in names},
@@ -343,12 +362,7 @@ def join_figures(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(
                 f"Joined evaluations must follow on: seeds {before['seeds']} are followed by {after['seeds']}."
             )
-    names = first["scenarios"]
-    outcomes = sorted(
-        (outcome for part in parts for outcome in outcomes_of(part)),
-        key=lambda outcome: (names.index(outcome.scenario), outcome.seed),
-    )
-    return figures_of(first["model"], names, outcomes)
+    return figures_of(first["model"], first["scenarios"], [outcome for part in parts for outcome in outcomes_of(part)])
 
 
 def main(argv: list[str] | None = None) -> None:

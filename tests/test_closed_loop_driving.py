@@ -58,7 +58,7 @@ from vlmheads.closed_loop.driving_records import (
     future_waypoints,
     to_ego_frame,
 )
-from vlmheads.data.driving import load_driving_dataset
+from vlmheads.data.driving import load_driving_dataset, synthetic_driving_dataset
 from vlmheads.offline import tiny_orion_model, tiny_orion_processor
 from vlmheads.processing.collator_orion_qwen import OrionDataCollator
 
@@ -199,6 +199,70 @@ def test_evaluations_on_consecutive_seeds_join_into_one():
         join_figures([parts["rest"], parts["first"]])
     with pytest.raises(ValueError, match="one model"):
         join_figures([parts["first"], {**parts["rest"], "model": "flow"}])
+
+
+def test_figures_refuse_episodes_that_do_not_cover_the_same_seeds_in_every_scenario():
+    def outcome(scenario, seed):
+        return EpisodeOutcome(scenario, seed, False, 0, 1.0, 80.0, 20.0, 4.0)
+
+    names = ["merge", "highway"]
+    with pytest.raises(ValueError, match="No episodes of 'mlp'"):
+        figures_of("mlp", names, [])
+    with pytest.raises(ValueError, match=r"scenarios \['roundabout'\], which are not among"):
+        figures_of("mlp", names, [outcome(name, 100000) for name in (*names, "roundabout")])
+    with pytest.raises(ValueError, match=r"in merge must cover .* seeds \[100001\] are missing"):
+        figures_of("mlp", names, [outcome("merge", 100000), outcome("highway", 100000), outcome("highway", 100001)])
+    with pytest.raises(ValueError, match=r"in highway must cover .* seeds \[100000\] repeated"):
+        figures_of("mlp", names, [outcome("merge", 100000), outcome("highway", 100000), outcome("highway", 100000)])
+    shuffled = [outcome(name, seed) for seed in (100001, 100000) for name in ("highway", "merge")]
+    listed = [(episode["scenario"], episode["seed"]) for episode in figures_of("mlp", names, shuffled)["episodes"]]
+    assert listed == [(name, seed) for name in names for seed in (100000, 100001)]
+
+    # A part whose header names both scenarios but which holds the episodes of one (a run cut short, a file edited)
+    # does not join; nor does a part that drove seeds the one before it drove.
+    first = figures_of("mlp", names, [outcome(name, seed) for name in names for seed in (100000, 100001)])
+    rest = figures_of("mlp", names, [outcome(name, 100002) for name in names])
+    cut = {**rest, "episodes": [episode for episode in rest["episodes"] if episode["scenario"] == "highway"]}
+    with pytest.raises(ValueError, match=r"in merge must cover each of the seeds 100000…100002 once"):
+        join_figures([first, cut])
+    overlapping = {**rest, "episodes": rest["episodes"] + [first["episodes"][-1]]}
+    with pytest.raises(ValueError, match=r"in highway .* seeds \[100001\] repeated"):
+        join_figures([first, overlapping])
+
+
+def test_an_episode_of_no_steps_is_refused():
+    # Its mean speed would be NaN; the refusal comes before the simulator is touched.
+    with pytest.raises(ValueError, match="max_steps must be a positive number of policy steps, got 0"):
+        drive_episode(None, "highway", EVALUATION_SEEDS.start, ConstantVelocityPolicy(), max_steps=0)
+
+
+def load_closed_loop_benchmark() -> dict:
+    """The globals of benchmarks/bench_closed_loop_driving.py, run as a module (not as a script)."""
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_closed_loop_driving.py"))
+
+
+@pytest.mark.parametrize("rows", ["untrained", "untrained=0", "untrained=x", "expert-plan=2,ceiling=3"])
+def test_the_closed_loop_benchmark_refuses_a_bad_row_episodes(rows):
+    bench = load_closed_loop_benchmark()
+    args = bench["BenchmarkArguments"](row_episodes=rows)
+    with pytest.raises(ValueError, match=r"--row_episodes takes ROW=N,\.\.\. .* got '"):
+        bench["episodes_of"](args, "untrained")
+    good = bench["BenchmarkArguments"](row_episodes="untrained=3, expert-plan=2", eval_episodes=7)
+    assert [bench["episodes_of"](good, key) for key in ("untrained", "expert-plan", "mlp")] == [3, 2, 7]
+
+
+def test_the_closed_loop_benchmark_computes_open_loop_rows_afresh_on_other_validation_files(tmp_path):
+    bench = load_closed_loop_benchmark()
+    files = [tmp_path / "first.parquet", tmp_path / "second.parquet"]
+    for seed, file in enumerate(files):
+        synthetic_driving_dataset(8, seed=seed, with_answers=False).to_parquet(file)
+    kept = tmp_path / "open_loop.json"
+    first = bench["open_loop"]({}, files[:1], kept)
+    assert bench["open_loop"]({}, files[:1], kept) == first
+    second = bench["open_loop"]({}, files[1:], kept)
+    constant_velocity = bench["CONSTANT_VELOCITY"]
+    assert second[constant_velocity]["L2@3s"] != pytest.approx(first[constant_velocity]["L2@3s"])
+    assert json.loads(kept.read_text())["validation_files"] == ["second.parquet"]
 
 
 def test_the_closed_loop_demo_describes_itself(capsys, monkeypatch):
