@@ -4,13 +4,23 @@ short episodes of the expert, the random policy, tiny VLA and π0 folders, the b
 import json
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 from PIL import Image
 from vla_helpers import FAST_FAMILY, make_model, processor_of
 
 from vlmheads.closed_loop._headless import SIM_EXTRA_HINT, import_simulator
-from vlmheads.closed_loop.manipulation import HELD_OUT_SEED, EpisodeOutcome, collect, evaluate, main, success_table
+from vlmheads.closed_loop.manipulation import (
+    HELD_OUT_SEED,
+    VIDEO_SCALE,
+    EpisodeOutcome,
+    collect,
+    evaluate,
+    main,
+    success_table,
+    write_video,
+)
 from vlmheads.closed_loop.manipulation_env import INSTRUCTIONS, OBSERVATIONS, PROPRIOCEPTION, MetaWorldEpisode
 from vlmheads.closed_loop.manipulation_policies import BLIND_IMAGE, BLIND_WORLD, Observation, make_policy
 from vlmheads.data.manipulation import BACKGROUND, load_lerobot_episodes
@@ -156,6 +166,16 @@ def test_the_command_line_collects_and_evaluates(tmp_path, capsys):
     )
     assert "| reach-v3 | 1.00 |" in capsys.readouterr().out
     assert json.loads(json_path.read_text())["mean_success_rate"] == 1.0
+
+
+def test_episode_videos_hold_every_frame_enlarged(tmp_path):
+    # The fast test that reaches the sim extra's imageio (and imageio-ffmpeg for MP4) in the lowest-versions job.
+    frames = [Image.new("RGB", (8, 6), (40 * index + 20, 0, 0)) for index in range(3)]
+    for suffix in (".gif", ".mp4"):
+        write_video(frames, tmp_path / f"episode{suffix}")
+        read = imageio.mimread(tmp_path / f"episode{suffix}")
+        assert [frame.shape[:2] for frame in read] == [(6 * VIDEO_SCALE, 8 * VIDEO_SCALE)] * 3
+        np.testing.assert_allclose([frame[0, 0, 0] for frame in read], [20, 60, 100], atol=3)
 
 
 def test_bad_input_raises_and_writes_nothing(tmp_path):
