@@ -374,7 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--max_steps", type=int, default=MAX_STEPS, help="step limit of an episode")
     collecting.add_argument("--out", required=True, help="new or empty output folder")
-    collecting.add_argument("--observation", choices=list(OBSERVATIONS), default=DEFAULT_OBSERVATION)
+    collecting.add_argument(
+        "--observation",
+        choices=list(OBSERVATIONS),
+        default=DEFAULT_OBSERVATION,
+        help="the state each frame records as observation.state beside the camera image: 'full' (hand xyz, "
+        f"gripper opening, the objects' xyz and quaternions, the goal xyz: {OBSERVATIONS['full']} values), "
+        f"'image-goal' (the same without the goal, which only the image shows: {OBSERVATIONS['image-goal']} values; "
+        "Meta-World's partially observable default), 'image' (no state: the camera image alone); default: "
+        "%(default)s",
+    )
     collecting.add_argument("--action_noise", type=float, default=0.1, help="std of the executed actions' noise")
     evaluating.add_argument("--model", required=True, help="a trained VLA folder, 'expert' or 'random'")
     evaluating.add_argument("--json", required=True, help="where to write the success rates")

@@ -43,7 +43,7 @@ from vlmheads.training.classification import (
     print_confusion_matrix,
     save_confusion_matrix,
 )
-from vlmheads.training.runs import ScriptTrainingArguments
+from vlmheads.training.runs import ScriptTrainingArguments, trainer_default
 
 
 @dataclass
@@ -86,14 +86,14 @@ class ClassifierArguments:
 class ClassifierTrainingArguments(ScriptTrainingArguments):
     """`TrainingArguments` whose defaults train the tiny offline model on a CPU."""
 
-    output_dir: str = field(default="outputs/classifier")
-    num_train_epochs: float = field(default=6)
-    per_device_train_batch_size: int = field(default=16)
-    learning_rate: float = field(default=1e-3)
-    logging_steps: float = field(default=10)
-    save_strategy: str = field(default="no")
+    output_dir: str = trainer_default("output_dir", "outputs/classifier")
+    num_train_epochs: float = trainer_default("num_train_epochs", 6)
+    per_device_train_batch_size: int = trainer_default("per_device_train_batch_size", 16)
+    learning_rate: float = trainer_default("learning_rate", 1e-3)
+    logging_steps: float = trainer_default("logging_steps", 10)
+    save_strategy: str = trainer_default("save_strategy", "no")
     # The collator reads the `image` column, which the Trainer would otherwise drop as unknown to forward().
-    remove_unused_columns: bool = field(default=False)
+    remove_unused_columns: bool = trainer_default("remove_unused_columns", False)
 
 
 def load_data(args: ClassifierArguments) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:

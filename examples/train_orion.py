@@ -59,7 +59,7 @@ from vlmheads.offline import orion_backbone, tiny_orion_model, tiny_orion_proces
 from vlmheads.processing.collator_orion_qwen import OrionDataCollator
 from vlmheads.training.cards import ModelCardTrainer
 from vlmheads.training.orion import TrajectoryMetrics, add_lora, displacement_statistics, freeze_backbone
-from vlmheads.training.runs import ScriptTrainingArguments
+from vlmheads.training.runs import ScriptTrainingArguments, trainer_default
 from vlmheads.training.tracking import log_report, prepare_tracking
 
 METRICS = ("L2@1s", "L2@2s", "L2@3s", "ADE", "FDE")
@@ -126,19 +126,19 @@ class DataArguments:
 class OrionTrainingArguments(ScriptTrainingArguments):
     """TrainingArguments whose defaults train the tiny offline demo."""
 
-    output_dir: str = field(default="outputs/orion_demo")
-    learning_rate: float = field(default=2e-3)
-    num_train_epochs: float = field(default=8)
-    warmup_steps: float = field(default=20)
-    per_device_train_batch_size: int = field(default=32)
-    per_device_eval_batch_size: int = field(default=64)
-    logging_steps: float = field(default=10)
-    save_strategy: str = field(default="no")
+    output_dir: str = trainer_default("output_dir", "outputs/orion_demo")
+    learning_rate: float = trainer_default("learning_rate", 2e-3)
+    num_train_epochs: float = trainer_default("num_train_epochs", 8)
+    warmup_steps: float = trainer_default("warmup_steps", 20)
+    per_device_train_batch_size: int = trainer_default("per_device_train_batch_size", 32)
+    per_device_eval_batch_size: int = trainer_default("per_device_eval_batch_size", 64)
+    logging_steps: float = trainer_default("logging_steps", 10)
+    save_strategy: str = trainer_default("save_strategy", "no")
     # The driving columns are not all forward() arguments, and the waypoints are what the metrics compare.
-    remove_unused_columns: bool = field(default=False)
-    label_names: list[str] | None = field(default_factory=lambda: ["ego_waypoints"])
+    remove_unused_columns: bool = trainer_default("remove_unused_columns", False)
+    label_names: list[str] | None = trainer_default("label_names", default_factory=lambda: ["ego_waypoints"])
     # Frozen or unused parts (the vision tower of a text-only batch) must not stop DDP.
-    ddp_find_unused_parameters: bool | None = field(default=True)
+    ddp_find_unused_parameters: bool | None = trainer_default("ddp_find_unused_parameters", True)
 
 
 def build_model(

@@ -54,7 +54,7 @@ from vlmheads.training.classification import (
     print_confusion_matrix,
     save_confusion_matrix,
 )
-from vlmheads.training.runs import ScriptTrainingArguments
+from vlmheads.training.runs import ScriptTrainingArguments, trainer_default
 from vlmheads.training.tracking import log_report, prepare_tracking
 
 
@@ -104,13 +104,13 @@ class ReceiptArguments:
 class ReceiptTrainingArguments(ScriptTrainingArguments):
     """`TrainingArguments` with defaults that train the tiny offline model in seconds; pass your own for real ones."""
 
-    num_train_epochs: float = field(default=8)
-    per_device_train_batch_size: int = field(default=16)
-    learning_rate: float = field(default=1e-3)
-    logging_steps: float = field(default=10)
-    save_strategy: str = field(default="no")
+    num_train_epochs: float = trainer_default("num_train_epochs", 8)
+    per_device_train_batch_size: int = trainer_default("per_device_train_batch_size", 16)
+    learning_rate: float = trainer_default("learning_rate", 1e-3)
+    logging_steps: float = trainer_default("logging_steps", 10)
+    save_strategy: str = trainer_default("save_strategy", "no")
     # The collator reads the `image` column, which the Trainer would otherwise drop as unknown to forward().
-    remove_unused_columns: bool = field(default=False)
+    remove_unused_columns: bool = trainer_default("remove_unused_columns", False)
 
 
 class ReceiptCollator:

@@ -48,7 +48,7 @@ from vlmheads.modeling.modeling_vla import VLAForActionPrediction
 from vlmheads.processing.collator_vla import PI0DataCollator, VLADataCollator
 from vlmheads.registry.vlms import create_vlm, load_processor, resolve_vlm
 from vlmheads.training.cards import ModelCardTrainer
-from vlmheads.training.runs import ScriptTrainingArguments
+from vlmheads.training.runs import ScriptTrainingArguments, trainer_default
 from vlmheads.training.vla import (
     ActionMetrics,
     action_errors,
@@ -109,17 +109,17 @@ class DataArguments:
 class VLATrainingArguments(ScriptTrainingArguments):
     """TrainingArguments whose defaults train the tiny offline demo in a few minutes on 2 CPU cores."""
 
-    output_dir: str = field(default="outputs/vla_demo")
-    learning_rate: float = field(default=1e-3)
-    num_train_epochs: float = field(default=8)
-    warmup_steps: float = field(default=0.1)
-    per_device_train_batch_size: int = field(default=16)
-    per_device_eval_batch_size: int = field(default=64)
-    logging_steps: float = field(default=20)
-    save_strategy: str = field(default="no")
+    output_dir: str = trainer_default("output_dir", "outputs/vla_demo")
+    learning_rate: float = trainer_default("learning_rate", 1e-3)
+    num_train_epochs: float = trainer_default("num_train_epochs", 8)
+    warmup_steps: float = trainer_default("warmup_steps", 0.1)
+    per_device_train_batch_size: int = trainer_default("per_device_train_batch_size", 16)
+    per_device_eval_batch_size: int = trainer_default("per_device_eval_batch_size", 64)
+    logging_steps: float = trainer_default("logging_steps", 20)
+    save_strategy: str = trainer_default("save_strategy", "no")
     # The records' columns are not forward() arguments, and the actions are what the metrics compare.
-    remove_unused_columns: bool = field(default=False)
-    label_names: list[str] | None = field(default_factory=lambda: ["actions"])
+    remove_unused_columns: bool = trainer_default("remove_unused_columns", False)
+    label_names: list[str] | None = trainer_default("label_names", default_factory=lambda: ["actions"])
 
 
 def load_records(files: list[str], args: DataArguments, chunk_size: int, what: str) -> datasets.Dataset:

@@ -9,7 +9,8 @@ keeps no running loss in its checkpoints, so after a resume it reports the mean 
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,21 @@ def check_output_dir(output_dir: str | Path, overwrite_output_dir: bool, resume_
             f"--output_dir {folder} already holds a model ({', '.join(found)}). Pass --overwrite_output_dir to "
             "replace it, --resume_from_checkpoint to continue its training, or choose another folder."
         )
+
+
+def trainer_default(name: str, default: Any = MISSING, *, default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+    """A dataclass field that redeclares the `TrainingArguments` field `name` with a script's own default. It keeps
+    the parent field's metadata (its `--help` text, and whatever else `HfArgumentParser` reads there) and, where the
+    default differs, adds transformers' own to the help; `HfArgumentParser`'s help shows the new one after it as
+    "(default: ...)". Raises a `ValueError` when `TrainingArguments` has no field `name`."""
+    parent = TrainingArguments.__dataclass_fields__.get(name)
+    if parent is None:
+        raise ValueError(f"trainer_default: {name!r} is not a field of TrainingArguments.")
+    metadata = dict(parent.metadata)
+    inherited = parent.default if parent.default_factory is MISSING else parent.default_factory()
+    if (default if default_factory is MISSING else default_factory()) != inherited:
+        metadata["help"] = f"{metadata.get('help', '')} (transformers' default: {inherited})".lstrip()
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
