@@ -42,6 +42,7 @@ from transformers import AutoProcessor
 
 from ..serve.engine import GenerationRequest, TokenEvent
 from ..serve.options import (
+    SERVE_ONLY_FLAGS,
     ServerLimits,
     add_server_arguments,
     add_trust_remote_code_argument,
@@ -65,6 +66,24 @@ def _layer_counts(text: str | None) -> list[int] | None:
         raise ValueError(f"--layers takes the number of layers of each stage, e.g. 3,5; got {text!r}.") from error
 
 
+class _ServeOnlyFlag(argparse.Action):
+    """A flag of `vlmheads serve` that the pipeline does not take (`SERVE_ONLY_FLAGS`): refused as soon as it is
+    read, naming it, the command it belongs to and why, rather than as one of argparse's "unrecognized arguments"."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        flag = self.option_strings[0]
+        parser.error(
+            f"{flag} is a flag of `vlmheads serve` (the single-process server), not of `vlmheads parallel`: "
+            f"{SERVE_ONLY_FLAGS[flag]}."
+        )
+
+
 def parse_prepare_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vlmheads.parallel prepare", description="Write stage shards.")
     parser.add_argument("--model", required=True, help="A saved model folder (with its processor).")
@@ -81,7 +100,8 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
         # The module docstring: the commands (`prepare` first), and the prompts file formats.
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="`python -m vlmheads.parallel prepare --help`: the options of `prepare`.",
+        epilog="`python -m vlmheads.parallel prepare --help`: the options of `prepare`.\n"
+        f"{', '.join(SERVE_ONLY_FLAGS)}: flags of `vlmheads serve` only, refused here saying why.",
     )
     parser.add_argument("--model", required=True, help="A prepared folder, or a saved model folder.")
     parser.add_argument("--stages", type=int, default=None, help="Must equal the world size (default: it).")
@@ -113,6 +133,8 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     )
     add_trust_remote_code_argument(parser)
     http_only = add_server_arguments(parser)
+    for flag in SERVE_ONLY_FLAGS:
+        parser.add_argument(flag, nargs="?", action=_ServeOnlyFlag, dest=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if (args.prompts is None) != (args.output is None):
         parser.error("--prompts and --output go together.")

@@ -17,7 +17,13 @@ from .app import serve
 from .local_engine import LocalEngine
 from .lora import LORA_FLAG, parse_lora_specs
 from .models import EMBEDDED_MODEL_ID, embedded_tiny_model, load_model_folder
-from .options import add_server_arguments, add_trust_remote_code_argument, serve_options
+from .options import (
+    MAX_BATCH_SIZE_FLAG,
+    PREFIX_CACHE_FLAG,
+    add_server_arguments,
+    add_trust_remote_code_argument,
+    serve_options,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         "on adapters and on the base model decode together.",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=16, help="Requests decoded together. Default: %(default)s."
+        MAX_BATCH_SIZE_FLAG, type=int, default=16, help="Requests decoded together. Default: %(default)s."
     )
     parser.add_argument(
-        "--prefix-cache-entries",
+        PREFIX_CACHE_FLAG,
         type=int,
         default=8,
         help="KV caches of recent prompts kept for prompts sharing their prefix and images (0: off). Default: "

@@ -1,6 +1,7 @@
 """The serving options `vlmheads serve` and `vlmheads parallel` share: what one request and one connection may take
 (`ServerLimits`, `ServerTimeouts`), and the command-line flags that set them, declared once for both command lines
-(`add_server_arguments`, `serve_options`).
+(`add_server_arguments`, `serve_options`); and the flags of `vlmheads serve` alone, with why the pipeline does not
+take them (`SERVE_ONLY_FLAGS`).
 
 Imports nothing of the HTTP stack (fastapi, uvicorn): the pipeline's batch mode parses these flags without the
 `serve` extra installed.
@@ -15,7 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .lora import LORA_FLAG
+
 API_KEY_ENV = "VLMHEADS_API_KEY"
+MAX_BATCH_SIZE_FLAG = "--max-batch-size"
+PREFIX_CACHE_FLAG = "--prefix-cache-entries"
+
+#: The flags of `vlmheads serve` that only its single-process engine (`LocalEngine`) honours, each with why the
+#: pipeline-parallel runtime (`vlmheads parallel`) does not take it; the pipeline refuses them with that reason.
+SERVE_ONLY_FLAGS: dict[str, str] = {
+    LORA_FLAG: "adapters are served by the single-process engine, which loads them into the whole model and decodes "
+    "them in one batch through peft; each pipeline stage loads a slice of the base model, without adapters",
+    MAX_BATCH_SIZE_FLAG: "the pipeline decodes no batch of requests; each request goes through the stages on its "
+    "own, several in flight at once, and --max-active caps how many it holds",
+    PREFIX_CACHE_FLAG: "the prefix cache keeps whole prompts' KV caches in one process; a pipeline's KV cache is "
+    "split across its stages, one per request, and dropped when the request ends",
+}
 
 #: The pixel limit of an image when the processor declares no `max_pixels` of its own.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096

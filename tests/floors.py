@@ -59,6 +59,7 @@ OTHER_MODULES = {
     "test_benchmarks": "benchmark scripts",
     "test_ci_jobs": "this table",
     "test_cli": "vlmheads' own command table",
+    "test_cli_help": "vlmheads' own command-line help, read from its parsers",
     "test_driving_data": "NumPy kinematics of the synthetic driving set",
     "test_examples": "example scripts end to end",
     "test_model_line": "vlmheads' own class line and imports (test_remote_code, test_pipelines_* reach remote code)",

@@ -15,7 +15,7 @@ from vlmheads.parallel.__main__ import main as parallel_main
 from vlmheads.parallel.__main__ import parse_run_args
 from vlmheads.parallel.engine import PipelineEngine
 from vlmheads.serve.__main__ import build_parser as serve_parser
-from vlmheads.serve.options import ServerLimits, ServerTimeouts, serve_options
+from vlmheads.serve.options import SERVE_ONLY_FLAGS, ServerLimits, ServerTimeouts, serve_options
 
 SECTION = "server options:"
 
@@ -56,7 +56,7 @@ def test_both_command_lines_show_one_server_section(capsys, monkeypatch):
     for flag in ("--api-key", "--max-body-bytes", "--max-images", "--max-image-pixels", "--shutdown-timeout"):
         assert flag in server_section(serve_help)
     common = {"--help", "--model", "--threads", "--trust-remote-code"}
-    assert own_flags(serve_help) - common == {"--lora", "--max-batch-size", "--prefix-cache-entries"}
+    assert own_flags(serve_help) - common == set(SERVE_ONLY_FLAGS)
     assert own_flags(pipeline_help) - common == {
         *("--stages", "--layers", "--prompts", "--output", "--max-active", "--max-context", "--timeout"),
         *("--device", "--no-verify-shards"),
