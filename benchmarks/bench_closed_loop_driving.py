@@ -124,6 +124,7 @@ class BenchmarkArguments:
 
 
 def collect_job(args: tuple[str, int, int, str, str]) -> None:
+    """Collects (scenario, episodes, first seed, output folder, driver) on one thread."""
     torch.set_num_threads(1)
     collect(*args)
 
@@ -139,6 +140,7 @@ def evaluate_job(args: tuple[str, str, int, int, str, str | None, str]) -> None:
 
 
 def record_files(out: Path, split: str, names: list[str], first: int, episodes: int, tag: str = "") -> list[Path]:
+    """The files `collect` writes for the scenarios `names` on seeds `first … first + episodes - 1`."""
     return [out / "records" / split / f"{name}{tag}-seeds-{first}-{first + episodes - 1}.parquet" for name in names]
 
 
@@ -269,6 +271,7 @@ def episodes_of(args: BenchmarkArguments, key: str) -> int:
 
 
 def result_path(out: Path, key: str, name: str, first: int, last: int) -> Path:
+    """Where the figures of row `key` in scenario `name` on seeds `first … last` are kept."""
     return out / "results" / f"{key}-{name}-seeds-{first}-{last}.json"
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import pairwise
 from pathlib import Path
@@ -221,7 +221,7 @@ def episode_seeds(episodes: int, seed: int, allowed: Sequence[range], purpose: s
     return seeds
 
 
-def write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Calls `write(temporary_path)`, then moves the file into place: an interrupted run leaves nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
