@@ -19,9 +19,22 @@ def marks_of(decorators: list[ast.expr]) -> set[str]:
     return names
 
 
+def param_marks_of(decorators: list[ast.expr]) -> set[str]:
+    """The names X of the marks that `pytest.param(..., marks=...)` cases inside `decorators` carry."""
+    names = set()
+    for call in (node for decorator in decorators for node in ast.walk(decorator) if isinstance(node, ast.Call)):
+        if isinstance(call.func, ast.Attribute) and call.func.attr == "param":
+            for keyword in call.keywords:
+                if keyword.arg == "marks":
+                    values = keyword.value.elts if isinstance(keyword.value, ast.List | ast.Tuple) else [keyword.value]
+                    names |= marks_of(values)
+    return names
+
+
 def lowest_versions_tests(source: str) -> list[str]:
-    """The tests of a floor module's `source` that `pytest -m floors` runs: those not marked slow (conftest marks them
-    floors) and those marked floors, read from the markers of the functions, their `Test*` classes and `pytestmark`."""
+    """The tests of a floor module's `source` that `pytest -m floors` runs (some case of them, if parametrized): those
+    not marked slow (conftest marks them floors) and those marked floors, read from the markers of the functions,
+    their `pytest.param` cases, their `Test*` classes and `pytestmark`."""
     tree = ast.parse(source)
     module_marks = set()
     for node in tree.body:
@@ -36,7 +49,7 @@ def lowest_versions_tests(source: str) -> list[str]:
                 visit(node.body, inherited | marks_of(node.decorator_list))
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
                 marks = inherited | marks_of(node.decorator_list)
-                if "floors" in marks or "slow" not in marks:
+                if "floors" in marks | param_marks_of(node.decorator_list) or "slow" not in marks:
                     selected.append(node.name)
 
     visit(tree.body, module_marks)
@@ -67,9 +80,13 @@ pytestmark = [pytest.mark.slow]
 def test_slow(): ...
 @pytest.mark.floors
 def test_marked(): ...
+@pytest.mark.parametrize("x", [1, pytest.param(2, marks=pytest.mark.floors)])
+def test_one_case_marked(x): ...
+@pytest.mark.parametrize("x", [1, pytest.param(2, marks=[pytest.mark.skip])])
+def test_no_case_marked(x): ...
 def helper(): ...
 """
-    assert lowest_versions_tests(source) == ["test_marked"]
+    assert lowest_versions_tests(source) == ["test_marked", "test_one_case_marked"]
     source = """
 import pytest
 def test_fast(): ...
