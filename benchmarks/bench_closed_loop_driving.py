@@ -14,7 +14,7 @@ Stages (each kept once done, so that a run cut short resumes):
    MLP planner of stage 2: one round of DAgger's data aggregation), both labelled with the expert's plan from the
    states they visit; then the heads of `--aggregated_heads` trained as in stage 2 on all the training records
    (`OUT/models/<head>-aggregated`, their own table rows);
-4. open-loop L2 at 1/2/3 s on the validation frames (`OUT/open_loop.json`, each model's once);
+4. open-loop L2 at 1/2/3 s on the validation frames (`OUT/open_loop.json`, each model's once per set of files);
 5. `evaluate`: `--eval_episodes` episodes per scenario on the evaluation seeds from `--eval_seed`, the same seeds for
    every policy (rows named in `--row_episodes`, by default the untrained model and the controller's ceiling, the
    expert's plan tracked by pure pursuit and PID, drive the first few of them), `--workers` processes. A row that
