@@ -230,6 +230,17 @@ def test_figures_refuse_episodes_that_do_not_cover_the_same_seeds_in_every_scena
         join_figures([first, overlapping])
 
 
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_an_episode_depends_on_its_seed_not_on_the_episodes_driven_before(name):
+    # join_figures' premise: evaluating seeds a…b, then b+1…c, in two runs equals evaluating a…c in one.
+    seed = EVALUATION_SEEDS.start
+    used = make_env(get_scenario(name))
+    drive_episode(used, name, seed, ExpertPolicy(), max_steps=15)
+    after = drive_episode(used, name, seed + 1, ExpertPolicy(), max_steps=15).outcome
+    fresh = drive_episode(make_env(get_scenario(name)), name, seed + 1, ExpertPolicy(), max_steps=15).outcome
+    assert after == fresh and after.distance_m > 10.0
+
+
 def test_an_episode_of_no_steps_is_refused():
     # Its mean speed would be NaN; the refusal comes before the simulator is touched.
     with pytest.raises(ValueError, match="max_steps must be a positive number of policy steps, got 0"):
