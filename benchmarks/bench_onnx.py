@@ -61,7 +61,6 @@ ONNX_ENGINES = {"OnnxVLM fp32": "decoder", "OnnxVLM int8": INT8_DECODER, "OnnxVL
 COPY_BYTES = 256 * 1024**2
 COPY_RUN = "memory copy"
 MATMULS_RUN = "fp32 MatMuls alone"
-FP32_ENGINES = ("GenAI fp32", "OnnxVLM fp32", "PyTorch eager", "PyTorch torch.compile")
 # Byte-level text: token id = TEXT_TOKEN_OFFSET + byte, clear of the ids the tiny configurations reserve.
 TEXT_TOKEN_OFFSET = 10
 TRAIN_FRACTION, TRAIN_WINDOW = 0.9, 32
@@ -258,6 +257,12 @@ def interleaved_medians(
             cpu_times[name].append(time.process_time() - cpu_start)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return medians, {name: statistics.median(values) for name, values in cpu_times.items()}
+
+
+def weights_read(engine: str) -> str:
+    """The decoder graph whose weights a decode step of `engine` reads: its own for the int8 and int4 rows, the fp32
+    decoder's for every fp32 engine (GenAI, OnnxVLM, PyTorch)."""
+    return ONNX_ENGINES.get(engine, "decoder")
 
 
 def graph_bytes(out_dir: Path, graph: str) -> int:
@@ -512,11 +517,9 @@ def main(argv: list[str] | None = None) -> None:
             hits += int((score(item["input_ids"], continuation) == continuation).sum())
             total += positions
         agreement[name] = hits / total
-    # What a decode step reads: the fp32 engines all read the same layers and LM head (GenAI's file also holds the
-    # embedding table, of which a step reads one row).
+    # GenAI's own file also holds the embedding table, of which a step reads one row: it counts the fp32 decoder's.
     weight_bytes = {
-        name: graph_bytes(out_dir, ONNX_ENGINES.get(name, "decoder"))
-        for name in [*engines, "GenAI fp32", "PyTorch torch.compile"]
+        name: graph_bytes(out_dir, weights_read(name)) for name in [*engines, "GenAI fp32", "PyTorch torch.compile"]
     }
     rss = {
         name: compile_rss if name == "PyTorch torch.compile" else peak_rss(name, work, argv, args) for name in engines
@@ -562,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
             "n/a" if rss[name] is None else f"{rss[name] / 1e6:.0f}",
             f"{agreement[name]:.3f}",
             f"{decode / limit:.2f} ({weight_bytes[name] / 1e6:.0f} MB)",
-            f"{decode / matmuls:.2f}" if name in FP32_ENGINES else "-",
+            f"{decode / matmuls:.2f}" if weights_read(name) == "decoder" else "-",
             str(same_tokens[name]),
         ]
         print("| " + " | ".join(cells) + " |")
